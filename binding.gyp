@@ -1,0 +1,30 @@
+{
+  "targets": [
+    {
+      "target_name": "pagemerge",
+      "sources": [
+        "native/addon.cc",
+        "native/arena.cc",
+        "native/pages.cc",
+        "native/procfs.cc",
+        "native/v8_buffers.cc"
+      ],
+      "include_dirs": [
+        "<!(node -p \"require('node-addon-api').include_dir\")",
+        "<!(node -p \"require('path').join(require('path').dirname(require.resolve('xxhash-addon/package.json')), 'xxHash')\")"
+      ],
+      "defines": [
+        "NAPI_VERSION=8",
+        "NAPI_DISABLE_CPP_EXCEPTIONS",
+        "NODE_ADDON_API_DISABLE_DEPRECATED",
+        "_GNU_SOURCE"
+      ],
+      "cflags!": ["-fno-exceptions"],
+      "cflags_cc!": ["-fno-exceptions"],
+      "cflags_cc": ["-std=c++17", "-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
+      "conditions": [
+        ["OS!='linux'", { "sources!": ["native/arena.cc", "native/procfs.cc"] }]
+      ]
+    }
+  ]
+}

@@ -1,0 +1,47 @@
+/**
+ * What the OS says about this process's memory, read from /proc as text. These are the numbers
+ * that tests and the benchmark hold pagemerge to.
+ */
+import { readFileSync } from 'node:fs'
+
+/** Fields of /proc/self/smaps_rollup, in bytes (Rss, Pss, Pss_Anon, Pss_Shmem, Anonymous, ...). */
+export type MemoryRollup = Record<string, number> & { Rss: number; Pss: number }
+
+function parseKb(text: string): Record<string, number> {
+  const out: Record<string, number> = {}
+  for (const line of text.split('\n')) {
+    const m = /^(\w+):\s+(\d+) kB$/.exec(line)
+    if (m) out[m[1]!] = Number(m[2]) * 1024
+  }
+  return out
+}
+
+/** /proc/<pid>/smaps_rollup in bytes. */
+export function smapsRollup(pid: number | 'self' = 'self'): MemoryRollup {
+  return parseKb(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8')) as MemoryRollup
+}
+
+/** /proc/meminfo in bytes (MemAvailable, MemFree, Shmem, ...). */
+export function meminfo(): Record<string, number> {
+  return parseKb(readFileSync('/proc/meminfo', 'utf8'))
+}
+
+/**
+ * Pss of the mappings that lie inside [address, address + length), from /proc/self/smaps: the
+ * memory one buffer costs, without the noise of the rest of the process.
+ */
+export function rangePss(address: bigint, length: number): number {
+  const end = address + BigInt(length)
+  let inside = false
+  let pss = 0
+  for (const line of readFileSync('/proc/self/smaps', 'utf8').split('\n')) {
+    const range = /^([0-9a-f]+)-([0-9a-f]+) /.exec(line)
+    if (range) {
+      const lo = BigInt('0x' + range[1]), hi = BigInt('0x' + range[2])
+      inside = lo < end && hi > address
+      continue
+    }
+    if (inside && line.startsWith('Pss:')) pss += Number(/(\d+) kB/.exec(line)![1]) * 1024
+  }
+  return pss
+}

@@ -1,0 +1,772 @@
+// The arena: one memfd per Arena holds every shared-kind allocation's own pages and every pool
+// page. A merge makes pages MAP_PRIVATE views of pool pages (copy-on-write); pool pages are
+// counted per mapping here, so a page is punched out of the file only when nothing maps it.
+#include "arena.h"
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "common.h"
+#include "pages.h"
+#include "procfs.h"
+#include "v8_buffers.h"
+
+namespace pm {
+namespace {
+
+constexpr uint64_t kDefaultReserveBytes = 1ull << 42;  // 4 TiB of file offsets: sparse, costs only address space
+constexpr uint32_t kRefChunk = 512;                     // pool refcounts are kept per 2 MiB of arena
+constexpr double kMaxSafe = 9007199254740991.0;
+
+// Mapping counts of pool pages, allocated only for the 2 MiB chunks of the arena that hold pool pages.
+class RefTable {
+ public:
+  uint32_t Get(uint32_t p) const {
+    auto it = chunks_.find(p / kRefChunk);
+    return it == chunks_.end() ? 0 : it->second.refs[p % kRefChunk];
+  }
+  // Returns true when the page went from 0 to 1 mapping.
+  bool Inc(uint32_t p) {
+    Chunk& c = chunks_[p / kRefChunk];
+    if (!c.refs) c.refs.reset(new uint32_t[kRefChunk]());
+    if (c.refs[p % kRefChunk]++ != 0) return false;
+    c.live++;
+    return true;
+  }
+  // Returns true when the page's last mapping went away.
+  bool Dec(uint32_t p) {
+    auto it = chunks_.find(p / kRefChunk);
+    if (it == chunks_.end() || it->second.refs[p % kRefChunk] == 0) return false;
+    if (--it->second.refs[p % kRefChunk] != 0) return false;
+    if (--it->second.live == 0) chunks_.erase(it);
+    return true;
+  }
+  size_t Bytes() const { return chunks_.size() * (kRefChunk * sizeof(uint32_t) + 32); }
+
+ private:
+  struct Chunk {
+    std::unique_ptr<uint32_t[]> refs;
+    uint32_t live = 0;
+  };
+  std::unordered_map<uint32_t, Chunk> chunks_;
+};
+
+// Coalesces arena pages into runs and punches each run out of the file in one fallocate.
+class Puncher {
+ public:
+  Puncher(int fd, uint64_t* failures) : fd_(fd), failures_(failures) {}
+  ~Puncher() { Flush(); }
+  void Add(uint64_t page) {
+    if (len_ && page == start_ + len_) {
+      len_++;
+      return;
+    }
+    Flush();
+    start_ = page;
+    len_ = 1;
+  }
+  void Flush() {
+    if (!len_) return;
+    if (fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(start_ * kPage),
+                  static_cast<off_t>(len_ * kPage)) != 0)
+      (*failures_)++;  // memory not returned, bytes unharmed: counted in stats().punchFailures
+    len_ = 0;
+  }
+
+ private:
+  int fd_;
+  uint64_t* failures_;
+  uint64_t start_ = 0, len_ = 0;
+};
+
+struct Allocation {
+  uint32_t id = 0;
+  uint8_t* base = nullptr;
+  uint64_t pages = 0;
+  int64_t own = -1;  // first arena page of its shared window; -1 for private anonymous memory
+  std::vector<uint8_t> state;
+  std::vector<uint32_t> pool;
+};
+
+struct ArenaCore {
+  std::mutex mu;
+  int fd = -1;
+  uint8_t* view = nullptr;  // read-only MAP_SHARED view of the whole file: pool bytes to verify against
+  uint64_t reservePages = 0;
+  uint64_t nextPage = 0;  // bump allocator over file pages; offsets are never reused
+  uint32_t nextId = 1;
+  std::unordered_map<uint32_t, std::unique_ptr<Allocation>> allocs;
+  std::unordered_map<uintptr_t, uint32_t> byBase;
+  RefTable refs;
+  uint64_t poolPages = 0, poolMappings = 0, trackedPages = 0, punchFailures = 0;
+
+  ~ArenaCore() {
+    if (view) munmap(view, reservePages * kPage);
+    if (fd >= 0) close(fd);
+  }
+
+  void IncRef(uint32_t p) {
+    if (refs.Inc(p)) poolPages++;
+    poolMappings++;
+  }
+  bool DecRef(uint32_t p) {
+    if (refs.Get(p) == 0) return false;
+    poolMappings--;
+    if (!refs.Dec(p)) return false;
+    poolPages--;
+    return true;
+  }
+
+  // Records that pages [first, first+count) of `a` now map pool pages from `poolFirst` (state
+  // kMerged) or no pool page (poolFirst == kNoPool). Own pages no longer mapped are punched, and
+  // pool pages whose last mapping this was are punched too.
+  void Retarget(Allocation& a, uint64_t first, uint64_t count, uint32_t poolFirst, uint8_t newState) {
+    Puncher own(fd, &punchFailures), freed(fd, &punchFailures);
+    if (poolFirst != kNoPool)  // take the new references first: remapping onto the same page never frees it
+      for (uint64_t k = 0; k < count; k++) IncRef(poolFirst + static_cast<uint32_t>(k));
+    for (uint64_t k = 0; k < count; k++) {
+      uint64_t i = first + k;
+      if (a.state[i] == kShared) own.Add(static_cast<uint64_t>(a.own) + i);
+      if (a.state[i] == kMerged && DecRef(a.pool[i])) freed.Add(a.pool[i]);
+      a.state[i] = newState;
+      a.pool[i] = poolFirst == kNoPool ? kNoPool : poolFirst + static_cast<uint32_t>(k);
+    }
+  }
+
+  // Compares bytes with pool pages through the view, then drops the view's page-table entries so
+  // that the view neither costs page tables nor shows up as one more sharer in Pss.
+  bool Matches(const uint8_t* bytes, uint64_t poolFirst, uint64_t count) {
+    uint8_t* src = view + poolFirst * kPage;
+    size_t len = count * kPage;
+    madvise(src, len, MADV_POPULATE_READ);  // one batch of faults, not one per 64 KiB
+    bool same = std::memcmp(bytes, src, len) == 0;
+    madvise(src, len, MADV_DONTNEED);
+    return same;
+  }
+
+  Allocation* Find(uint32_t id) {
+    auto it = allocs.find(id);
+    return it == allocs.end() ? nullptr : it->second.get();
+  }
+
+  bool PoolLive(uint64_t first, uint64_t count) const {
+    if (first >= nextPage || count > nextPage - first) return false;
+    for (uint64_t k = 0; k < count; k++)
+      if (refs.Get(static_cast<uint32_t>(first + k)) == 0) return false;
+    return true;
+  }
+};
+
+// Keeps the arena alive for as long as V8 keeps one of its SharedArrayBuffers.
+struct Owner {
+  std::shared_ptr<ArenaCore> core;
+  uint32_t id;
+};
+
+// V8 frees the backing store (on any thread) once no SharedArrayBuffer refers to it.
+void Collect(void* /*data*/, size_t /*length*/, void* deleterData) {
+  std::unique_ptr<Owner> owner(static_cast<Owner*>(deleterData));
+  ArenaCore& core = *owner->core;
+  std::lock_guard<std::mutex> lock(core.mu);
+  auto it = core.allocs.find(owner->id);
+  if (it == core.allocs.end()) return;
+  Allocation& a = *it->second;
+  munmap(a.base, a.pages * kPage);
+  core.Retarget(a, 0, a.pages, kNoPool, kAnon);
+  core.byBase.erase(reinterpret_cast<uintptr_t>(a.base));
+  core.trackedPages -= a.pages;
+  core.allocs.erase(it);
+}
+
+// Extents arrive as a Uint32Array of records of `stride` numbers: [id, page, (poolPage,) count].
+struct Extents {
+  const uint32_t* rec = nullptr;
+  size_t n = 0;
+  int32_t* status = nullptr;
+};
+
+bool ReadExtents(const Napi::CallbackInfo& info, size_t stride, bool withStatus, Extents* out) {
+  Bytes b;
+  if (GetBytes(info[0], &b) != ViewKind::kUint32 || (b.length / 4) % stride != 0) {
+    ThrowType(info.Env(), code::INVALID_ARG,
+              "extents must be a Uint32Array of records of " + std::to_string(stride) + " numbers");
+    return false;
+  }
+  out->rec = reinterpret_cast<const uint32_t*>(b.data);
+  out->n = b.length / 4 / stride;
+  if (!withStatus) return true;
+  Bytes s;
+  if (GetBytes(info[1], &s) != ViewKind::kInt32 || s.length / 4 < out->n) {
+    ThrowType(info.Env(), code::INVALID_ARG, "status must be an Int32Array with one entry per extent");
+    return false;
+  }
+  out->status = reinterpret_cast<int32_t*>(s.data);
+  return true;
+}
+
+// Worst-case number of new mappings when [first, first+count) of `a` is replaced: one per cut.
+int64_t Cuts(const Allocation& a, uint64_t first, uint64_t count) {
+  return (first > 0 ? 1 : 0) + (first + count < a.pages ? 1 : 0);
+}
+
+bool AllState(const Allocation& a, uint64_t first, uint64_t count, uint8_t st) {
+  for (uint64_t k = 0; k < count; k++)
+    if (a.state[first + k] != st) return false;
+  return true;
+}
+
+class Arena : public Napi::ObjectWrap<Arena> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "Arena",
+                       {
+                           InstanceMethod("alloc", &Arena::Alloc),
+                           InstanceMethod("idOf", &Arena::IdOf),
+                           InstanceMethod("stabilize", &Arena::Stabilize),
+                           InstanceMethod("merge", &Arena::Merge),
+                           InstanceMethod("dropZero", &Arena::DropZero),
+                           InstanceMethod("unmerge", &Arena::Unmerge),
+                           InstanceMethod("reapWritten", &Arena::ReapWritten),
+                           InstanceMethod("comparePool", &Arena::ComparePool),
+                           InstanceMethod("pageStates", &Arena::PageStates),
+                           InstanceMethod("poolRefs", &Arena::PoolRefs),
+                           InstanceMethod("stats", &Arena::Stats),
+                       });
+  }
+
+  explicit Arena(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Arena>(info) {
+    Napi::Env env = info.Env();
+    uint64_t reserve = kDefaultReserveBytes;
+    if (info.Length() > 0 && !info[0].IsUndefined() && !ArgIndex(info, 0, "reserveBytes", kMaxSafe, &reserve)) return;
+    reserve = (reserve + kPage - 1) / kPage * kPage;
+    if (reserve == 0 || reserve / kPage > kNoPool) {
+      ThrowRange(env, code::OUT_OF_RANGE, "reserveBytes must be from 4096 to 16 TiB");
+      return;
+    }
+    auto core = std::make_shared<ArenaCore>();
+    core->fd = memfd_create("pagemerge-arena", MFD_CLOEXEC);
+    if (core->fd < 0) {
+      ThrowErrno(env, errno, "memfd_create", "cannot create the page arena");
+      return;
+    }
+    // Growing past RLIMIT_FSIZE would raise SIGXFSZ and kill the process: refuse plainly instead.
+    struct rlimit fsize;
+    if (getrlimit(RLIMIT_FSIZE, &fsize) == 0 && fsize.rlim_cur != RLIM_INFINITY && fsize.rlim_cur < reserve) {
+      ThrowErrno(env, EFBIG, "ftruncate", "RLIMIT_FSIZE is below the arena reserve (" + std::to_string(reserve) + " bytes)");
+      return;
+    }
+    if (ftruncate(core->fd, static_cast<off_t>(reserve)) != 0) {
+      ThrowErrno(env, errno, "ftruncate", "cannot size the page arena");
+      return;
+    }
+    void* view = mmap(nullptr, reserve, PROT_READ, MAP_SHARED | MAP_NORESERVE, core->fd, 0);
+    if (view == MAP_FAILED) {
+      ThrowErrno(env, errno, "mmap", "cannot map the page arena's read-only view");
+      return;
+    }
+    core->view = static_cast<uint8_t*>(view);
+    core->reservePages = reserve / kPage;
+    core_ = std::move(core);
+  }
+
+ private:
+  std::shared_ptr<ArenaCore> core_;
+
+  // alloc(bytes, shared) -> SharedArrayBuffer of whole pages, registered with the arena.
+  Napi::Value Alloc(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    uint64_t bytes;
+    if (!ArgIndex(info, 0, "bytes", kMaxSafe, &bytes)) return Napi::Value();
+    bool shared = info[1].ToBoolean();
+    uint64_t pages = (bytes + kPage - 1) / kPage;
+    if (pages == 0) return ThrowRange(env, code::OUT_OF_RANGE, "bytes must be at least 1");
+    auto a = std::make_unique<Allocation>();
+    a->pages = pages;
+    a->state.assign(pages, shared ? kShared : kAnon);
+    a->pool.assign(pages, kNoPool);
+    Owner* owner;
+    uint8_t* base;
+    uint64_t length = pages * kPage;
+    {
+      std::lock_guard<std::mutex> lock(core_->mu);
+      ArenaCore& c = *core_;
+      void* p;
+      if (shared) {
+        if (pages > c.reservePages - c.nextPage)
+          return ThrowPlain(env, code::ARENA_FULL, "the arena's " + std::to_string(c.reservePages * kPage) +
+                                                       " bytes of file offsets are used up; create another Arena");
+        p = mmap(nullptr, pages * kPage, PROT_READ | PROT_WRITE, MAP_SHARED, c.fd, static_cast<off_t>(c.nextPage * kPage));
+        if (p == MAP_FAILED) return ThrowErrno(env, errno, "mmap", "cannot map " + std::to_string(bytes) + " bytes");
+        a->own = static_cast<int64_t>(c.nextPage);
+        c.nextPage += pages;
+      } else {
+        p = mmap(nullptr, pages * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) return ThrowErrno(env, errno, "mmap", "cannot map " + std::to_string(bytes) + " bytes");
+      }
+      a->base = static_cast<uint8_t*>(p);
+      a->id = c.nextId++;
+      if (c.nextId == 0) c.nextId = 1;
+      owner = new Owner{core_, a->id};
+      c.byBase[reinterpret_cast<uintptr_t>(a->base)] = a->id;
+      c.trackedPages += pages;
+      base = a->base;
+      c.allocs.emplace(a->id, std::move(a));
+    }
+    // Outside the lock: creating the SharedArrayBuffer may run a GC, whose deleters take the lock.
+    return Napi::Value(env, NewSharedArrayBuffer(env, base, length, Collect, owner));
+  }
+
+  // Finds the allocation a buffer starts at, or throws ERR_PAGEMERGE_FOREIGN_BUFFER.
+  bool Resolve(const Napi::CallbackInfo& info, size_t arg, Allocation** out) {
+    Bytes b;
+    if (GetBytes(info[arg], &b) == ViewKind::kNone) {
+      ThrowType(info.Env(), code::INVALID_ARG, "buffer must be a SharedArrayBuffer or a view of one");
+      return false;
+    }
+    auto it = core_->byBase.find(reinterpret_cast<uintptr_t>(b.data));
+    Allocation* a = it == core_->byBase.end() ? nullptr : core_->Find(it->second);
+    if (!a) {
+      ThrowType(info.Env(), code::FOREIGN_BUFFER, "buffer was not allocated by this arena (or is a view that does not start at its first byte)");
+      return false;
+    }
+    *out = a;
+    return true;
+  }
+
+  Napi::Value IdOf(const Napi::CallbackInfo& info) {
+    std::lock_guard<std::mutex> lock(core_->mu);
+    Allocation* a;
+    if (!Resolve(info, 0, &a)) return Napi::Value();
+    return Napi::Number::New(info.Env(), a->id);
+  }
+
+  // Checks one [id, page, count] record; null when the allocation is gone.
+  bool CheckRange(Napi::Env env, size_t i, uint32_t id, uint64_t page, uint64_t count, Allocation** out) {
+    *out = core_->Find(id);
+    if (!*out) return true;
+    if (count == 0 || page > (*out)->pages || count > (*out)->pages - page) {
+      ThrowRange(env, code::OUT_OF_RANGE,
+                 "extent " + std::to_string(i) + " (pages " + std::to_string(page) + "+" + std::to_string(count) +
+                     ") is empty or outside its buffer of " + std::to_string((*out)->pages) + " pages");
+      return false;
+    }
+    return true;
+  }
+
+  // Throws ERR_PAGEMERGE_MAP_BUDGET, changing nothing, when `cost` new mappings could pass `budget`.
+  bool CheckBudget(Napi::Env env, int64_t cost, double budget) {
+    if (cost == 0) return true;
+    int64_t now = CountMappings();
+    if (now < 0) {
+      ThrowErrno(env, static_cast<int>(-now), "read", "cannot count mappings in /proc/self/maps");
+      return false;
+    }
+    if (static_cast<double>(now + cost) > budget) {
+      ThrowPlain(env, code::MAP_BUDGET,
+                 "this call may add " + std::to_string(cost) + " mappings to the process's " + std::to_string(now) +
+                     ", above the mapping budget of " + std::to_string(static_cast<int64_t>(budget)) + "; nothing was changed");
+      return false;
+    }
+    return true;
+  }
+
+  static bool ReadBudget(const Napi::CallbackInfo& info, size_t i, double* out) {
+    if (!info[i].IsNumber() || !(info[i].As<Napi::Number>().DoubleValue() >= 0)) {
+      ThrowType(info.Env(), code::INVALID_ARG, "budget must be a non-negative number of mappings");
+      return false;
+    }
+    *out = info[i].As<Napi::Number>().DoubleValue();
+    return true;
+  }
+
+  // stabilize(extents [id, page, count], status, budget, outPool: Uint32Array) -> pages made pool pages.
+  // Shared-window pages become pool pages where they lie (no copy); others are copied into new pool pages.
+  Napi::Value Stabilize(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Extents ex;
+    double budget;
+    if (!ReadExtents(info, 3, true, &ex) || !ReadBudget(info, 2, &budget)) return Napi::Value();
+    Bytes outPool;
+    if (GetBytes(info[3], &outPool) != ViewKind::kUint32 || outPool.length / 4 < ex.n)
+      return ThrowType(env, code::INVALID_ARG, "outPool must be a Uint32Array with one entry per extent");
+    uint32_t* poolOut = reinterpret_cast<uint32_t*>(outPool.data);
+    std::lock_guard<std::mutex> lock(core_->mu);
+    ArenaCore& c = *core_;
+    std::vector<Allocation*> alloc(ex.n);
+    int64_t cost = 0;
+    uint64_t copyPages = 0;
+    for (size_t i = 0; i < ex.n; i++) {
+      const uint32_t* r = ex.rec + i * 3;
+      if (!CheckRange(env, i, r[0], r[1], r[2], &alloc[i])) return Napi::Value();
+      if (!alloc[i]) continue;
+      cost += Cuts(*alloc[i], r[1], r[2]);
+      if (!AllState(*alloc[i], r[1], r[2], kShared)) copyPages += r[2];
+    }
+    if (copyPages > c.reservePages - c.nextPage)
+      return ThrowPlain(env, code::ARENA_FULL, "the arena has no file offsets left for " + std::to_string(copyPages) + " pool pages");
+    if (!CheckBudget(env, cost, budget)) return Napi::Value();
+    uint64_t done = 0;
+    for (size_t i = 0; i < ex.n; i++) {
+      const uint32_t* r = ex.rec + i * 3;
+      Allocation* a = alloc[i];
+      poolOut[i] = kNoPool;
+      if (!a) {
+        ex.status[i] = kGone;
+        continue;
+      }
+      uint64_t page = r[1], count = r[2], len = count * kPage;
+      uint8_t* dst = a->base + page * kPage;
+      uint64_t target;
+      bool copied = !AllState(*a, page, count, kShared);
+      if (!copied) {
+        target = static_cast<uint64_t>(a->own) + page;
+      } else {
+        target = c.nextPage;
+        c.nextPage += count;
+        if (int err = WriteAll(c.fd, dst, len, target * kPage)) {
+          PunchRun(target, count);
+          ex.status[i] = -err;
+          continue;
+        }
+        if (!c.Matches(dst, target, count)) {  // written while we copied
+          PunchRun(target, count);
+          ex.status[i] = kMismatch;
+          continue;
+        }
+      }
+      void* p = mmap(dst, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, c.fd, static_cast<off_t>(target * kPage));
+      if (p == MAP_FAILED) {
+        ex.status[i] = -errno;
+        if (copied) PunchRun(target, count);
+        continue;
+      }
+      if (!copied)  // the window's own pages now belong to the pool; they must not be punched as own pages
+        for (uint64_t k = 0; k < count; k++) a->state[page + k] = kAnon;
+      c.Retarget(*a, page, count, static_cast<uint32_t>(target), kMerged);
+      poolOut[i] = static_cast<uint32_t>(target);
+      ex.status[i] = kOk;
+      done += count;
+    }
+    return Napi::Number::New(env, static_cast<double>(done));
+  }
+
+  // merge(extents [id, page, poolPage, count], status, budget) -> pages merged.
+  // Each extent is compared in full with its pool pages right before it is remapped onto them.
+  Napi::Value Merge(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Extents ex;
+    double budget;
+    if (!ReadExtents(info, 4, true, &ex) || !ReadBudget(info, 2, &budget)) return Napi::Value();
+    std::lock_guard<std::mutex> lock(core_->mu);
+    ArenaCore& c = *core_;
+    std::vector<Allocation*> alloc(ex.n);
+    int64_t cost = 0;
+    for (size_t i = 0; i < ex.n; i++) {
+      const uint32_t* r = ex.rec + i * 4;
+      if (!CheckRange(env, i, r[0], r[1], r[3], &alloc[i])) return Napi::Value();
+      if (!c.PoolLive(r[2], r[3]))
+        return ThrowRange(env, code::NOT_POOL_PAGE,
+                          "extent " + std::to_string(i) + " names pool pages " + std::to_string(r[2]) + "+" +
+                              std::to_string(r[3]) + ", which are not all live pool pages");
+      if (alloc[i]) cost += Cuts(*alloc[i], r[1], r[3]);
+    }
+    if (!CheckBudget(env, cost, budget)) return Napi::Value();
+    uint64_t done = 0;
+    for (size_t i = 0; i < ex.n; i++) {
+      const uint32_t* r = ex.rec + i * 4;
+      Allocation* a = alloc[i];
+      uint64_t page = r[1], poolPage = r[2], count = r[3], len = count * kPage;
+      if (!a || !c.PoolLive(poolPage, count)) {  // an earlier extent of this call may have released them
+        ex.status[i] = kGone;
+        continue;
+      }
+      uint8_t* dst = a->base + page * kPage;
+      if (!c.Matches(dst, poolPage, count)) {
+        ex.status[i] = kMismatch;
+        continue;
+      }
+      void* p = mmap(dst, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, c.fd, static_cast<off_t>(poolPage * kPage));
+      if (p == MAP_FAILED) {
+        ex.status[i] = -errno;
+        continue;
+      }
+      c.Retarget(*a, page, count, static_cast<uint32_t>(poolPage), kMerged);
+      ex.status[i] = kOk;
+      done += count;
+    }
+    return Napi::Number::New(env, static_cast<double>(done));
+  }
+
+  // dropZero(extents [id, page, count], status, budget) -> pages dropped. Each extent must be all
+  // zero bytes, checked right before; afterwards reads see the kernel's zero page, costing nothing.
+  Napi::Value DropZero(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Extents ex;
+    double budget;
+    if (!ReadExtents(info, 3, true, &ex) || !ReadBudget(info, 2, &budget)) return Napi::Value();
+    std::lock_guard<std::mutex> lock(core_->mu);
+    ArenaCore& c = *core_;
+    std::vector<Allocation*> alloc(ex.n);
+    int64_t cost = 0;
+    for (size_t i = 0; i < ex.n; i++) {
+      const uint32_t* r = ex.rec + i * 3;
+      if (!CheckRange(env, i, r[0], r[1], r[2], &alloc[i])) return Napi::Value();
+      if (alloc[i] && !AllState(*alloc[i], r[1], r[2], kAnon)) cost += Cuts(*alloc[i], r[1], r[2]);
+    }
+    if (!CheckBudget(env, cost, budget)) return Napi::Value();
+    uint64_t done = 0;
+    for (size_t i = 0; i < ex.n; i++) {
+      const uint32_t* r = ex.rec + i * 3;
+      Allocation* a = alloc[i];
+      if (!a) {
+        ex.status[i] = kGone;
+        continue;
+      }
+      uint64_t page = r[1], count = r[2], len = count * kPage;
+      uint8_t* dst = a->base + page * kPage;
+      bool zero = true;
+      for (uint64_t k = 0; k < count && zero; k++) zero = IsZeroPage(dst + k * kPage);
+      if (!zero) {
+        ex.status[i] = kMismatch;
+        continue;
+      }
+      // Private anonymous memory drops its pages in place; anything file-backed would show the
+      // file's bytes again (or keep them), so it is replaced by fresh anonymous memory instead.
+      int rc = AllState(*a, page, count, kAnon)
+                   ? madvise(dst, len, MADV_DONTNEED)
+                   : (mmap(dst, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED ? -1 : 0);
+      if (rc != 0) {
+        ex.status[i] = -errno;
+        continue;
+      }
+      c.Retarget(*a, page, count, kNoPool, kAnon);
+      ex.status[i] = kOk;
+      done += count;
+    }
+    return Napi::Number::New(env, static_cast<double>(done));
+  }
+
+  // unmerge(extents [id, page, count], status, budget) -> pages made private again. Every page that
+  // is not already private anonymous memory becomes so, with the same bytes (zero pages stay free).
+  Napi::Value Unmerge(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Extents ex;
+    double budget;
+    if (!ReadExtents(info, 3, true, &ex) || !ReadBudget(info, 2, &budget)) return Napi::Value();
+    std::lock_guard<std::mutex> lock(core_->mu);
+    std::vector<Allocation*> alloc(ex.n);
+    int64_t cost = 0;
+    for (size_t i = 0; i < ex.n; i++) {
+      const uint32_t* r = ex.rec + i * 3;
+      if (!CheckRange(env, i, r[0], r[1], r[2], &alloc[i])) return Napi::Value();
+      if (alloc[i] && !AllState(*alloc[i], r[1], r[2], kAnon)) cost += Cuts(*alloc[i], r[1], r[2]) + 1;
+    }
+    if (!CheckBudget(env, cost, budget)) return Napi::Value();
+    uint64_t done = 0;
+    for (size_t i = 0; i < ex.n; i++) {
+      const uint32_t* r = ex.rec + i * 3;
+      Allocation* a = alloc[i];
+      if (!a) {
+        ex.status[i] = kGone;
+        continue;
+      }
+      ex.status[i] = kOk;
+      uint64_t end = uint64_t(r[1]) + r[2];
+      for (uint64_t run = r[1]; run < end;) {  // each maximal run of pages that are not anonymous yet
+        if (a->state[run] == kAnon) {
+          run++;
+          continue;
+        }
+        uint64_t stop = run;
+        while (stop < end && a->state[stop] != kAnon) stop++;
+        if (int err = MakeAnonymous(*a, run, stop - run)) {
+          ex.status[i] = -err;
+          break;
+        }
+        done += stop - run;
+        run = stop;
+      }
+    }
+    return Napi::Number::New(env, static_cast<double>(done));
+  }
+
+  // Copies the run into fresh anonymous memory (zero pages are left untouched, so they cost
+  // nothing) and moves that memory over the run in one mremap; returns 0 or an errno.
+  int MakeAnonymous(Allocation& a, uint64_t page, uint64_t count) {
+    uint64_t len = count * kPage;
+    uint8_t* dst = a.base + page * kPage;
+    void* tmp = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (tmp == MAP_FAILED) return errno;
+    uint8_t* t = static_cast<uint8_t*>(tmp);
+    for (uint64_t k = 0; k < count; k++)
+      if (!IsZeroPage(dst + k * kPage)) std::memcpy(t + k * kPage, dst + k * kPage, kPage);
+    if (mremap(tmp, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, dst) == MAP_FAILED) {
+      int err = errno;
+      munmap(tmp, len);
+      return err;
+    }
+    core_->Retarget(a, page, count, kNoPool, kAnon);
+    return 0;
+  }
+
+  // reapWritten(extents [id, page, count]) -> pages found written since they were merged. Their
+  // copy-on-write copies no longer use the pool page, so its mapping count drops (pagemap says so).
+  Napi::Value ReapWritten(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Extents ex;
+    if (!ReadExtents(info, 3, false, &ex)) return Napi::Value();
+    std::lock_guard<std::mutex> lock(core_->mu);
+    ArenaCore& c = *core_;
+    std::vector<Allocation*> alloc(ex.n);
+    for (size_t i = 0; i < ex.n; i++) {
+      const uint32_t* r = ex.rec + i * 3;
+      if (!CheckRange(env, i, r[0], r[1], r[2], &alloc[i])) return Napi::Value();
+    }
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return ThrowErrno(env, errno, "open", "cannot open /proc/self/pagemap");
+    uint64_t reaped = 0;
+    std::vector<uint64_t> entries;
+    for (size_t i = 0; i < ex.n; i++) {
+      const uint32_t* r = ex.rec + i * 3;
+      Allocation* a = alloc[i];
+      if (!a) continue;
+      uint64_t page = r[1], count = r[2];
+      entries.assign(count, 0);
+      off_t at = static_cast<off_t>(reinterpret_cast<uintptr_t>(a->base + page * kPage) / kPage * 8);
+      if (pread(fd, entries.data(), count * 8, at) != static_cast<ssize_t>(count * 8)) {
+        int err = errno ? errno : EIO;
+        close(fd);
+        return ThrowErrno(env, err, "pread", "cannot read /proc/self/pagemap");
+      }
+      for (uint64_t k = 0; k < count; k++) {
+        uint64_t e = entries[k];
+        bool present = e >> 63 & 1, swapped = e >> 62 & 1, file = e >> 61 & 1;
+        if (a->state[page + k] == kMerged && ((present && !file) || swapped)) {
+          c.Retarget(*a, page + k, 1, kNoPool, kWritten);
+          reaped++;
+        }
+      }
+    }
+    close(fd);
+    return Napi::Number::New(env, static_cast<double>(reaped));
+  }
+
+  // comparePool(buffer, page, poolPage, count = 1) -> -1 | 0 | 1 in memcmp order.
+  Napi::Value ComparePool(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    uint64_t page, poolPage, count = 1;
+    if (!ArgIndex(info, 1, "page", kMaxSafe, &page) || !ArgIndex(info, 2, "poolPage", kMaxSafe, &poolPage)) return Napi::Value();
+    if (info.Length() > 3 && !info[3].IsUndefined() && !ArgIndex(info, 3, "count", kMaxSafe, &count)) return Napi::Value();
+    const uint8_t* p;
+    if (!PageRange(info, 0, "buffer", page, count, &p)) return Napi::Value();
+    std::lock_guard<std::mutex> lock(core_->mu);
+    if (!core_->PoolLive(poolPage, count))
+      return ThrowRange(env, code::NOT_POOL_PAGE, "pool pages " + std::to_string(poolPage) + "+" + std::to_string(count) + " are not all live");
+    uint8_t* src = core_->view + poolPage * kPage;
+    int r = std::memcmp(p, src, count * kPage);
+    madvise(src, count * kPage, MADV_DONTNEED);
+    return Napi::Number::New(env, r < 0 ? -1 : r > 0 ? 1 : 0);
+  }
+
+  // pageStates(buffer, firstPage, count, outState: Uint8Array, outPool: Uint32Array) -> count
+  Napi::Value PageStates(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    uint64_t first, count;
+    if (!ArgIndex(info, 1, "firstPage", kMaxSafe, &first) || !ArgIndex(info, 2, "count", kMaxSafe, &count)) return Napi::Value();
+    Bytes st, pl;
+    if (GetBytes(info[3], &st) != ViewKind::kUint8 || st.length < count)
+      return ThrowType(env, code::INVALID_ARG, "outState must be a Uint8Array of at least count entries");
+    if (GetBytes(info[4], &pl) != ViewKind::kUint32 || pl.length / 4 < count)
+      return ThrowType(env, code::INVALID_ARG, "outPool must be a Uint32Array of at least count entries");
+    std::lock_guard<std::mutex> lock(core_->mu);
+    Allocation* a;
+    if (!Resolve(info, 0, &a)) return Napi::Value();
+    if (first > a->pages || count > a->pages - first)
+      return ThrowRange(env, code::OUT_OF_RANGE, "pages are outside the buffer");
+    std::memcpy(st.data, a->state.data() + first, count);
+    std::memcpy(pl.data, a->pool.data() + first, count * 4);
+    return Napi::Number::New(env, static_cast<double>(count));
+  }
+
+  // poolRefs(poolFirst, count, out: Uint32Array) -> count: how many pages map each pool page.
+  Napi::Value PoolRefs(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    uint64_t first, count;
+    if (!ArgIndex(info, 0, "poolFirst", kNoPool, &first) || !ArgIndex(info, 1, "count", kNoPool, &count)) return Napi::Value();
+    Bytes out;
+    if (GetBytes(info[2], &out) != ViewKind::kUint32 || out.length / 4 < count)
+      return ThrowType(env, code::INVALID_ARG, "out must be a Uint32Array of at least count entries");
+    std::lock_guard<std::mutex> lock(core_->mu);
+    uint32_t* o = reinterpret_cast<uint32_t*>(out.data);
+    for (uint64_t k = 0; k < count; k++) o[k] = core_->refs.Get(static_cast<uint32_t>(first + k));
+    return Napi::Number::New(env, static_cast<double>(count));
+  }
+
+  Napi::Value Stats(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    struct stat sb;
+    uint64_t allocations, tracked, poolPages, poolMappings, punchFailures, metadata, reserve, used;
+    {
+      std::lock_guard<std::mutex> lock(core_->mu);
+      ArenaCore& c = *core_;
+      if (fstat(c.fd, &sb) != 0) return ThrowErrno(env, errno, "fstat", "cannot stat the page arena");
+      allocations = c.allocs.size();
+      tracked = c.trackedPages;
+      poolPages = c.poolPages;
+      poolMappings = c.poolMappings;
+      punchFailures = c.punchFailures;
+      reserve = c.reservePages * kPage;
+      used = c.nextPage * kPage;
+      metadata = c.refs.Bytes() + c.allocs.size() * sizeof(Allocation);
+      for (auto& kv : c.allocs) metadata += kv.second->state.capacity() + kv.second->pool.capacity() * 4;
+    }
+    Napi::Object o = Napi::Object::New(env);
+    auto num = [&](const char* k, uint64_t v) { o.Set(k, Napi::Number::New(env, static_cast<double>(v))); };
+    num("allocations", allocations);
+    num("trackedPages", tracked);
+    num("poolPages", poolPages);
+    num("poolMappings", poolMappings);
+    num("arenaBytes", static_cast<uint64_t>(sb.st_blocks) * 512);  // what the OS holds for the file
+    num("reserveBytes", reserve);
+    num("usedOffsetBytes", used);
+    num("metadataBytes", metadata);
+    num("punchFailures", punchFailures);
+    return o;
+  }
+
+  void PunchRun(uint64_t first, uint64_t count) {
+    Puncher p(core_->fd, &core_->punchFailures);
+    for (uint64_t k = 0; k < count; k++) p.Add(first + k);
+  }
+
+  static int WriteAll(int fd, const uint8_t* src, uint64_t len, uint64_t off) {
+    while (len > 0) {
+      ssize_t n = pwrite(fd, src, len, static_cast<off_t>(off));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return n < 0 ? errno : EIO;
+      src += n;
+      off += static_cast<uint64_t>(n);
+      len -= static_cast<uint64_t>(n);
+    }
+    return 0;
+  }
+};
+
+}  // namespace
+
+void InitArena(Napi::Env env, Napi::Object exports) {
+  exports.Set("Arena", Arena::Define(env));
+}
+
+}  // namespace pm

@@ -1,0 +1,201 @@
+// The native page bridge, judged by what the OS reports: Pss, page frames, mappings, file blocks.
+import t from 'tap'
+import { loadNative, PageState, Status, NO_POOL } from '../lib/native'
+import { rangePss, smapsRollup } from '../lib/procfs'
+import { digest, fillRandom, gcUntil, isRoot, MiB, PAGE } from './fixtures/util'
+
+const native = loadNative()
+const BUDGET = 1e9 // tests that are not about the budget do not want it in the way
+
+function pair(arena: InstanceType<typeof native.Arena>, bytes: number, seed: number, shared = true) {
+  const a = new Uint8Array(arena.alloc(bytes, shared))
+  const b = new Uint8Array(arena.alloc(bytes, shared))
+  fillRandom(a, seed)
+  b.set(a)
+  return { a, b }
+}
+
+function mergePair(arena: InstanceType<typeof native.Arena>, a: Uint8Array, b: Uint8Array) {
+  const pages = a.byteLength / PAGE
+  const status = new Int32Array(1)
+  const pool = new Uint32Array(1)
+  const stabilized = arena.stabilize(new Uint32Array([arena.idOf(a), 0, pages]), status, BUDGET, pool)
+  if (stabilized !== pages || status[0] !== Status.OK) throw new Error(`stabilize: ${status[0]}`)
+  const merged = arena.merge(new Uint32Array([arena.idOf(b), 0, pool[0]!, pages]), status, BUDGET)
+  if (merged !== pages || status[0] !== Status.OK) throw new Error(`merge: ${status[0]}`)
+  return pool[0]!
+}
+
+/** Reads every page (natively, so the JS heap stays still) so that Pss counts what is mapped. */
+const touch = (...bufs: Uint8Array[]) => bufs.forEach((b) => native.hashPages(b, 0, b.byteLength / PAGE, new BigUint64Array(b.byteLength / PAGE), 0))
+const pssOf = (...bufs: Uint8Array[]) => bufs.reduce((s, b) => s + rangePss(native.addressOf(b), b.byteLength), 0)
+
+t.test('two identical 32 MiB buffers merge: Pss halves, few mappings, bytes intact', async (t) => {
+  const arena = new native.Arena()
+  const { a, b } = pair(arena, 32 * MiB, 1)
+  const da = digest(a), db = digest(b)
+  touch(a, b)
+  const before = { pss: smapsRollup().Pss, maps: native.mappingCount() }
+  mergePair(arena, a, b)
+  const maps = native.mappingCount()
+  touch(a, b) // every page mapped again, so that Pss counts what the buffers really use
+  const after = { pss: smapsRollup().Pss, maps }
+  t.ok(before.pss - after.pss >= 30 * MiB, `Pss fell by ${((before.pss - after.pss) / MiB).toFixed(1)} MiB`)
+  t.ok(after.maps - before.maps <= 4, `mappings grew by ${after.maps - before.maps}`)
+  t.equal(digest(a), da, 'first buffer reads back its bytes')
+  t.equal(digest(b), db, 'second buffer reads back its bytes')
+  t.equal(arena.stats().poolPages, 8192, 'one pool page per merged pair')
+  t.equal(arena.stats().arenaBytes, 32 * MiB, 'the arena file holds one copy')
+  if (!isRoot) {
+    t.skip('needs root: reads page frame numbers from /proc/self/pagemap')
+    return
+  }
+  const pa = new BigUint64Array(8192), pb = new BigUint64Array(8192)
+  native.pagemap(a, 0, 8192, pa)
+  native.pagemap(b, 0, 8192, pb)
+  const pfn = (e: bigint) => e & ((1n << 55n) - 1n)
+  let same = 0
+  for (let i = 0; i < 8192; i++) if (pfn(pa[i]!) !== 0n && pfn(pa[i]!) === pfn(pb[i]!)) same++
+  t.equal(same, 8192, 'every page pair shares one page frame')
+})
+
+t.test('a write after merging stays in the writer: one page of Pss more', async (t) => {
+  const arena = new native.Arena()
+  const { a, b } = pair(arena, 4 * MiB, 2)
+  mergePair(arena, a, b)
+  touch(a, b)
+  const db = digest(b)
+  const pss = pssOf(a, b)
+  a[5 * PAGE + 7] = a[5 * PAGE + 7]! ^ 0xff
+  t.not(a[5 * PAGE + 7], b[5 * PAGE + 7], 'the writer sees its write')
+  t.equal(digest(b), db, 'the other sharer is untouched')
+  t.equal(pssOf(a, b) - pss, PAGE, 'Pss grew by exactly one page')
+  const reaped = arena.reapWritten(new Uint32Array([arena.idOf(a), 0, 1024]))
+  t.equal(reaped, 1, 'pagemap shows the written page left the pool')
+  const refs = new Uint32Array(1)
+  const states = new Uint8Array(1), pools = new Uint32Array(1)
+  arena.pageStates(a, 5, 1, states, pools)
+  arena.poolRefs(arena.stats().poolPages ? pools[0]! : 0, 1, refs)
+  t.equal(states[0], PageState.WRITTEN)
+  t.equal(pools[0], NO_POOL)
+})
+
+for (const shared of [true, false]) {
+  t.test(`64 MiB of written zero pages are dropped (${shared ? 'memfd window' : 'private anonymous'})`, async (t) => {
+    const arena = new native.Arena()
+    const z = new Uint8Array(arena.alloc(64 * MiB, shared))
+    for (let i = 0; i < z.length; i += PAGE) z[i] = 1 // really allocate every page
+    z.fill(0)
+    const maps = native.mappingCount()
+    const pss = smapsRollup().Pss
+    const status = new Int32Array(1)
+    t.equal(arena.dropZero(new Uint32Array([arena.idOf(z), 0, 16384]), status, BUDGET), 16384)
+    t.equal(status[0], Status.OK)
+    t.ok(pss - smapsRollup().Pss >= 60 * MiB, `Pss fell by ${((pss - smapsRollup().Pss) / MiB).toFixed(1)} MiB`)
+    t.ok(native.mappingCount() - maps <= 2, 'at most two more mappings')
+    t.ok(z.every((x) => x === 0), 'reads return zeros')
+    t.equal(arena.stats().arenaBytes, 0, 'the arena holds nothing for them')
+    z[3 * PAGE] = 9
+    t.equal(z[3 * PAGE], 9, 'writes work')
+    t.equal(z[4 * PAGE], 0, 'and stay in their own page')
+  })
+}
+
+t.test('a merge whose bytes no longer match is refused and reported, nothing changed', async (t) => {
+  const arena = new native.Arena()
+  const { a, b } = pair(arena, 1 * MiB, 3)
+  const status = new Int32Array(2)
+  const pool = new Uint32Array(1)
+  arena.stabilize(new Uint32Array([arena.idOf(a), 0, 256]), status, BUDGET, pool)
+  b[200 * PAGE + 1] = b[200 * PAGE + 1]! ^ 1 // changed after the planner decided
+  const db = digest(b)
+  const merged = arena.merge(
+    new Uint32Array([arena.idOf(b), 0, pool[0]!, 128, arena.idOf(b), 128, pool[0]! + 128, 128]),
+    status,
+    BUDGET,
+  )
+  t.equal(merged, 128, 'the matching extent merged')
+  t.same([...status], [Status.OK, Status.MISMATCH], 'the changed extent is reported')
+  const states = new Uint8Array(256), pools = new Uint32Array(256)
+  arena.pageStates(b, 0, 256, states, pools)
+  t.ok(states.subarray(128).every((s) => s === PageState.SHARED), 'its pages stay private')
+  t.equal(digest(b), db, 'bytes unchanged')
+})
+
+t.test('unmerge: Pss back within 2% of before, pool empty, bytes intact', async (t) => {
+  const arena = new native.Arena()
+  const { a, b } = pair(arena, 32 * MiB, 4)
+  const da = digest(a)
+  const pss = pssOf(a, b)
+  mergePair(arena, a, b)
+  const status = new Int32Array(2)
+  const unmerged = arena.unmerge(new Uint32Array([arena.idOf(a), 0, 8192, arena.idOf(b), 0, 8192]), status, BUDGET)
+  t.equal(unmerged, 16384)
+  t.same([...status], [Status.OK, Status.OK])
+  t.equal(digest(a), da)
+  t.equal(digest(b), da)
+  const now = pssOf(a, b)
+  t.ok(Math.abs(now - pss) <= pss * 0.02, `Pss ${now} vs ${pss} before merging`)
+  t.equal(arena.stats().poolPages, 0, 'no pool pages')
+  t.equal(arena.stats().arenaBytes, 0, 'the arena file holds no bytes')
+  b[0] = b[0]! ^ 1
+  t.not(a[0], b[0], 'pages are private again')
+})
+
+t.test('dropping the last reference unmaps the buffer and frees the pool pages only it used', async (t) => {
+  const arena = new native.Arena()
+  let kept: Uint8Array | undefined
+  let { a, b } = pair(arena, 8 * MiB, 5) as { a?: Uint8Array; b?: Uint8Array }
+  mergePair(arena, a!, b!)
+  kept = a
+  a = undefined
+  const da = digest(kept!)
+  b = undefined
+  t.ok(await gcUntil(() => arena.stats().allocations === 1), 'the dropped buffer was collected')
+  t.equal(arena.stats().arenaBytes, 8 * MiB, 'pool pages the survivor maps stay')
+  t.equal(digest(kept!), da, 'the survivor reads its bytes')
+  // A buffer merged with itself: its two halves share pool pages only it uses.
+  let self: Uint8Array | undefined = new Uint8Array(arena.alloc(8 * MiB, true))
+  fillRandom(self.subarray(0, 4 * MiB), 6)
+  self.copyWithin(4 * MiB, 0, 4 * MiB)
+  const status = new Int32Array(1), pool = new Uint32Array(1)
+  arena.stabilize(new Uint32Array([arena.idOf(self), 0, 1024]), status, BUDGET, pool)
+  arena.merge(new Uint32Array([arena.idOf(self), 1024, pool[0]!, 1024]), status, BUDGET)
+  t.equal(status[0], Status.OK)
+  t.equal(arena.stats().arenaBytes, 12 * MiB)
+  self = undefined
+  kept = undefined
+  t.ok(await gcUntil(() => arena.stats().allocations === 0), 'both buffers were collected')
+  t.equal(arena.stats().arenaBytes, 0, 'the arena gave every page back')
+  t.equal(arena.stats().poolPages, 0)
+})
+
+t.test('a merge that would pass the mapping budget is refused, nothing changed', async (t) => {
+  const arena = new native.Arena()
+  const { a, b } = pair(arena, 1 * MiB, 7)
+  const status = new Int32Array(1), pool = new Uint32Array(1)
+  arena.stabilize(new Uint32Array([arena.idOf(a), 0, 256]), status, BUDGET, pool)
+  const budget = native.mappingCount() + 1 // an interior extent may cost two
+  const db = digest(b)
+  t.throws(() => arena.merge(new Uint32Array([arena.idOf(b), 10, pool[0]! + 10, 5]), status, budget), {
+    code: 'ERR_PAGEMERGE_MAP_BUDGET',
+  })
+  const states = new Uint8Array(256), pools = new Uint32Array(256)
+  arena.pageStates(b, 0, 256, states, pools)
+  t.ok(states.every((s) => s === PageState.SHARED), 'no page was remapped')
+  t.equal(digest(b), db)
+  t.equal(arena.merge(new Uint32Array([arena.idOf(b), 0, pool[0]!, 256]), status, native.mappingCount()), 256, 'a whole-buffer extent costs no mapping')
+})
+
+t.test('private anonymous buffers merge by copying into the pool', async (t) => {
+  const arena = new native.Arena()
+  const { a, b } = pair(arena, 16 * MiB, 8, false)
+  const da = digest(a)
+  touch(a, b)
+  const pss = pssOf(a, b)
+  mergePair(arena, a, b)
+  touch(a, b)
+  t.ok(pss - pssOf(a, b) >= 15 * MiB, 'Pss of the two buffers fell by about one buffer')
+  t.equal(digest(a), da)
+  t.equal(digest(b), da)
+})
