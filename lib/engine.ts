@@ -1,0 +1,758 @@
+/**
+ * The coordinator behind PageMerger: registered regions and the scan cursor, KSM's stable and
+ * unstable indexes, the merge planner and the statistics. It alone writes the indexes and asks
+ * the bridge to merge; worker threads only hash pages and search the stable index.
+ */
+import { join } from 'node:path'
+import { Piscina } from 'piscina'
+import { error, ErrorCode, typeError } from './errors'
+import { loadNative, NO_POOL, PAGE_SIZE, PageState, Status, type NativeArena, type NativeBinding } from './native'
+import type { ResolvedOptions } from './options'
+import { Flag, type HashTask, type Shard } from './protocol'
+import { StableNodes, UnstableTable } from './tables'
+import hashShards from '../workers/hash'
+
+/** What pm.stats() reports, with the kernel's meanings where the kernel has the counter. */
+export interface Stats {
+  /** Stable pages in use (pool pages that registered pages map). */
+  pagesShared: number
+  /** Further pages mapping a stable page: the pages saved. */
+  pagesSharing: number
+  /** Pages checked in the last full scan that matched nothing yet (the unstable index). */
+  pagesUnshared: number
+  /** Pages that changed between their last two scans, in the last full scan. */
+  pagesVolatile: number
+  fullScans: number
+  pagesScanned: number
+  /** Contents with more than one stable page because of maxPageSharing. */
+  stableNodeChains: number
+  /** Stable pages in such chains. */
+  stableNodeDups: number
+  /** All-zero pages given back so that they read the kernel's zero page. */
+  zeroPages: number
+  /** Bytes saved minus metadata bytes. */
+  generalProfit: number
+  /** Pages whose merge the mapping budget refused in the last full scan. */
+  pagesSkippedBudget: number
+  /** Metadata (indexes, per-page state, native bookkeeping) per tracked page, in bytes. */
+  metadataBytesPerPage: number
+  /** Pages in registered buffers. */
+  pagesTracked: number
+}
+
+/** What pm.bufferStats(buf) reports for one buffer. */
+export interface BufferStats {
+  pages: number
+  /** Pages whose memory became a stable page. */
+  pagesShared: number
+  /** Pages mapping a stable page that came from elsewhere. */
+  pagesSharing: number
+  zeroPages: number
+  domain: string
+}
+
+interface Region {
+  /** The arena's id for the allocation. */
+  id: number
+  ref: WeakRef<SharedArrayBuffer>
+  pages: number
+  /** First slot in the page arrays. */
+  slot: number
+  domainKey: string
+  domain: number
+}
+
+/** Actions planned for the pages of one batch. */
+const Plan = { NONE: 0, ZERO: 1, STABLE: 2 } as const
+
+const WORKER_FILE = join(__dirname, '..', 'workers', 'hash.js')
+/** Pages per batch in mergeNow(): large enough to amortize a round trip to the workers. */
+const MERGE_NOW_BATCH = 1 << 16
+/** Worst-case mappings an extent adds when it replaces part of a region: one per cut. */
+const cuts = (r: Region, page: number, count: number) => (page > 0 ? 1 : 0) + (page + count < r.pages ? 1 : 0)
+
+/** Per-page state, indexed by slot, in SharedArrayBuffers so workers can fill it. */
+class PageArrays {
+  hashes = new BigUint64Array(new SharedArrayBuffer(8 * 1024))
+  words = new Uint32Array(this.hashes.buffer)
+  flags = new Uint8Array(new SharedArrayBuffer(1024))
+  stableNode = new Int32Array(new SharedArrayBuffer(4 * 1024))
+
+  get capacity(): number {
+    return this.flags.length
+  }
+
+  grow(capacity: number): void {
+    const hashes = new BigUint64Array(new SharedArrayBuffer(8 * capacity))
+    hashes.set(this.hashes)
+    const flags = new Uint8Array(new SharedArrayBuffer(capacity))
+    flags.set(this.flags)
+    const stableNode = new Int32Array(new SharedArrayBuffer(4 * capacity))
+    stableNode.set(this.stableNode)
+    this.hashes = hashes
+    this.words = new Uint32Array(hashes.buffer)
+    this.flags = flags
+    this.stableNode = stableNode
+  }
+
+  bytes(): number {
+    return this.capacity * 13
+  }
+}
+
+export class Engine {
+  readonly native: NativeBinding = loadNative()
+  readonly arena: NativeArena = new this.native.Arena()
+  options: ResolvedOptions
+  private readonly pages = new PageArrays()
+  private readonly stable = new StableNodes()
+  private readonly unstable = new UnstableTable()
+  /** Live regions in slot order. */
+  private regions: Region[] = []
+  private readonly byId = new Map<number, Region>()
+  private readonly domains = new Map<string, number>([['', 0]])
+  private freeSlots: Array<[number, number]> = []
+  private slotTop = 0
+  private readonly finalizer = new FinalizationRegistry<number>((id) => this.forget(id))
+  private pool: Piscina | undefined
+  /** Serializes scans, unmerges and closing: one merge at a time. */
+  private queue: Promise<unknown> = Promise.resolve()
+  private cursor = { region: 0, page: 0 }
+  private background: Promise<void> | undefined
+  private running = false
+  private closed = false
+  private readonly zero: { lo: number; hi: number }
+  private candidates = new Int32Array(new SharedArrayBuffer(4 * MERGE_NOW_BATCH))
+  private plan = new Uint8Array(MERGE_NOW_BATCH)
+  private planNode = new Int32Array(MERGE_NOW_BATCH)
+  private c = {
+    pagesScanned: 0,
+    fullScans: 0,
+    zeroPages: 0,
+    volatile: 0,
+    skipped: 0,
+    mergedThisScan: 0,
+    lastVolatile: 0,
+    lastSkipped: 0,
+    lastUnshared: 0,
+  }
+
+  constructor(options: ResolvedOptions) {
+    this.options = options
+    const z = new BigUint64Array([this.native.ZERO_PAGE_HASH])
+    const w = new Uint32Array(z.buffer)
+    this.zero = { lo: w[0]!, hi: w[1]! }
+  }
+
+  // ---- registration -------------------------------------------------------------------------
+
+  alloc(bytes: number, domain: string): Buffer {
+    this.assertOpen()
+    const sab = this.arena.alloc(bytes, true)
+    this.register(sab, domain)
+    return Buffer.from(sab, 0, bytes)
+  }
+
+  register(target: unknown, domain: string): void {
+    this.assertOpen()
+    const sab = sharedBufferOf(target)
+    const id = this.arena.idOf(sab)
+    if (this.byId.has(id)) return
+    const pages = sab.byteLength / PAGE_SIZE
+    const slot = this.takeSlots(pages)
+    const region: Region = { id, ref: new WeakRef(sab), pages, slot, domainKey: domain, domain: this.domainNumber(domain) }
+    this.pages.flags.fill(0, slot, slot + pages)
+    this.regions.push(region)
+    this.regions.sort((a, b) => a.slot - b.slot)
+    this.byId.set(id, region)
+    this.finalizer.register(sab, id, region)
+    this.unstable.reserve(this.slotTop)
+  }
+
+  /** Unmerges the buffer's pages (every page private again), then forgets it. */
+  unregister(target: unknown): boolean {
+    const sab = sharedBufferOf(target)
+    const region = this.byId.get(this.arena.idOf(sab))
+    if (!region) return false
+    this.unmergeRegion(region)
+    this.finalizer.unregister(region)
+    this.drop(region)
+    return true
+  }
+
+  bufferStats(target: unknown): BufferStats {
+    const sab = sharedBufferOf(target)
+    const region = this.byId.get(this.arena.idOf(sab))
+    if (!region) throw typeError(ErrorCode.FOREIGN_BUFFER, 'the buffer is not registered with this PageMerger')
+    const out: BufferStats = { pages: region.pages, pagesShared: 0, pagesSharing: 0, zeroPages: 0, domain: region.domainKey }
+    const { flags } = this.pages
+    for (let s = region.slot; s < region.slot + region.pages; s++) {
+      const f = flags[s]!
+      if (f & Flag.ZERO) out.zeroPages++
+      else if (f & Flag.OWNER) out.pagesShared++
+      else if (f & Flag.MERGED) out.pagesSharing++
+    }
+    return out
+  }
+
+  private domainNumber(key: string): number {
+    let n = this.domains.get(key)
+    if (n === undefined) this.domains.set(key, (n = this.domains.size))
+    return n
+  }
+
+  /** The domain number pages are matched in (one for all when domains may mix). */
+  private effectiveDomain(r: Region): number {
+    return this.options.mergeAcrossDomains ? 0 : r.domain
+  }
+
+  private takeSlots(pages: number): number {
+    const i = this.freeSlots.findIndex(([, len]) => len >= pages)
+    if (i >= 0) {
+      const [start, len] = this.freeSlots[i]!
+      if (len === pages) this.freeSlots.splice(i, 1)
+      else this.freeSlots[i] = [start + pages, len - pages]
+      return start
+    }
+    const start = this.slotTop
+    this.slotTop += pages
+    if (this.slotTop > this.pages.capacity) {
+      let cap = this.pages.capacity
+      while (cap < this.slotTop) cap *= 2
+      this.pages.grow(cap)
+    }
+    return start
+  }
+
+  /** V8 collected a buffer: its memory is gone, so only the bookkeeping is left to undo. */
+  private forget(id: number): void {
+    const region = this.byId.get(id)
+    if (region) this.drop(region)
+  }
+
+  private drop(region: Region): void {
+    const { flags, stableNode } = this.pages
+    for (let s = region.slot; s < region.slot + region.pages; s++) {
+      const f = flags[s]!
+      if (f & Flag.MERGED) this.dropSharer(stableNode[s]!)
+      if (f & Flag.ZERO) this.c.zeroPages--
+      flags[s] = 0
+    }
+    this.byId.delete(region.id)
+    this.regions = this.regions.filter((r) => r !== region)
+    this.freeSlots.push([region.slot, region.pages])
+  }
+
+  private regionOfSlot(slot: number): Region | undefined {
+    let lo = 0, hi = this.regions.length - 1
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1
+      const r = this.regions[mid]!
+      if (slot < r.slot) hi = mid - 1
+      else if (slot >= r.slot + r.pages) lo = mid + 1
+      else return r
+    }
+    return undefined
+  }
+
+  // ---- stable pages ---------------------------------------------------------------------------
+
+  /** A node of the chain starting at `head` that can take one more sharer, or -1. */
+  private roomIn(head: number): number {
+    const { sharers, nextDup } = this.stable
+    const max = this.options.maxPageSharing
+    for (let n = head; n >= 0; n = nextDup[n]!) if (sharers[n]! < max) return n
+    return -1
+  }
+
+  private dropSharer(node: number): void {
+    const st = this.stable
+    if (st.sharers[node]! > 1) {
+      st.sharers[node]!--
+      return
+    }
+    const head = st.find(st.hashLo[node]!, st.hashHi[node]!, st.domain[node]!)
+    if (head === node) st.replaceHead(node, st.nextDup[node]!)
+    else
+      for (let n = head; n >= 0; n = st.nextDup[n]!)
+        if (st.nextDup[n] === node) {
+          st.nextDup[n] = st.nextDup[node]!
+          break
+        }
+    st.release(node)
+  }
+
+  // ---- scanning -------------------------------------------------------------------------------
+
+  private workerPool(): Piscina {
+    if (!this.pool) {
+      const n = this.options.workers
+      this.pool = new Piscina({ filename: WORKER_FILE, minThreads: n, maxThreads: n, idleTimeout: 60_000 })
+    }
+    return this.pool
+  }
+
+  /** Runs `fn` after everything queued before it: one scan or unmerge at a time. */
+  private exclusive<T>(fn: () => Promise<T> | T): Promise<T> {
+    const next = this.queue.then(fn, fn)
+    this.queue = next.catch(() => undefined)
+    return next
+  }
+
+  mergeNow(): Promise<Stats> {
+    this.assertOpen()
+    return this.exclusive(async () => {
+      this.cursor = { region: 0, page: 0 }
+      this.endScan(false)
+      for (let scans = 0; ; scans++) {
+        let wrapped = false
+        while (!wrapped) wrapped = (await this.batch(MERGE_NOW_BATCH, true)) || this.regions.length === 0
+        const merged = this.c.mergedThisScan
+        this.endScan(true)
+        if (merged === 0 || this.regions.length === 0) return this.stats()
+      }
+    })
+  }
+
+  start(): void {
+    this.assertOpen()
+    if (this.running) return
+    this.running = true
+    this.background = (async () => {
+      while (this.running) {
+        await this.exclusive(async () => {
+          if (!this.running) return
+          if (await this.batch(this.options.pagesToScan, false)) this.endScan(true)
+        })
+        if (!this.running) break
+        await new Promise<void>((r) => setTimeout(r, this.options.sleepMillisecs).unref())
+      }
+    })()
+  }
+
+  async stop(): Promise<void> {
+    this.running = false
+    await this.background
+    this.background = undefined
+  }
+
+  get isRunning(): boolean {
+    return this.running
+  }
+
+  private endScan(counted: boolean): void {
+    if (counted) {
+      this.c.fullScans++
+      this.c.lastVolatile = this.c.volatile
+      this.c.lastSkipped = this.c.skipped
+      this.c.lastUnshared = this.unstable.size
+    }
+    this.c.volatile = 0
+    this.c.skipped = 0
+    this.c.mergedThisScan = 0
+    this.unstable.clear()
+  }
+
+  /** Scans up to `max` pages from the cursor; true when that finished a full scan. */
+  private async batch(max: number, mergeNow: boolean): Promise<boolean> {
+    if (this.regions.length === 0) return true
+    if (this.candidates.length < max) {
+      this.candidates = new Int32Array(new SharedArrayBuffer(4 * max))
+      this.plan = new Uint8Array(max)
+      this.planNode = new Int32Array(max)
+    }
+    // Collect shards from the cursor, holding each buffer strongly for the batch's duration.
+    const shards: Shard[] = []
+    const held: Region[] = []
+    let taken = 0
+    let wrapped = false
+    while (taken < max) {
+      if (this.cursor.region >= this.regions.length) {
+        this.cursor = { region: 0, page: 0 }
+        wrapped = true
+        break
+      }
+      const r = this.regions[this.cursor.region]!
+      const buffer = r.ref.deref()
+      const count = Math.min(max - taken, r.pages - this.cursor.page)
+      if (buffer && count > 0) {
+        shards.push({ buffer, firstPage: this.cursor.page, count, slot: r.slot + this.cursor.page, batchIndex: taken, domain: this.effectiveDomain(r) })
+        held.push(r)
+        taken += count
+      }
+      this.cursor.page += count
+      if (!buffer || this.cursor.page >= r.pages) this.cursor = { region: this.cursor.region + 1, page: 0 }
+    }
+    if (this.cursor.region >= this.regions.length && !wrapped) {
+      this.cursor = { region: 0, page: 0 }
+      wrapped = true
+    }
+    if (shards.length === 0) return wrapped
+    this.reap(shards, held)
+    await this.hash(shards, taken)
+    this.process(shards, held, mergeNow)
+    return wrapped
+  }
+
+  /** Merged pages written since: their stable page loses a sharer (pagemap tells, not hashing). */
+  private reap(shards: Shard[], held: Region[]): void {
+    const { flags, stableNode } = this.pages
+    shards.forEach((sh, i) => {
+      let any = false
+      for (let s = sh.slot; s < sh.slot + sh.count && !any; s++) any = (flags[s]! & Flag.MERGED) !== 0
+      if (!any) return
+      const r = held[i]!
+      if (this.arena.reapWritten(new Uint32Array([r.id, sh.firstPage, sh.count])) === 0) return
+      const states = new Uint8Array(sh.count), pools = new Uint32Array(sh.count)
+      this.arena.pageStates(sh.buffer, sh.firstPage, sh.count, states, pools)
+      for (let k = 0; k < sh.count; k++) {
+        const s = sh.slot + k
+        if (flags[s]! & Flag.MERGED && states[k] === PageState.WRITTEN) {
+          this.dropSharer(stableNode[s]!)
+          flags[s] = flags[s]! & ~(Flag.MERGED | Flag.OWNER)
+        }
+      }
+    })
+  }
+
+  /** Hashes the batch: one task per worker, and the coordinator takes a share itself. */
+  private async hash(shards: Shard[], pages: number): Promise<void> {
+    const parts = this.options.workers + 1
+    const per = Math.ceil(pages / parts)
+    const tasks: Shard[][] = [[]]
+    let room = per
+    for (const sh of shards) {
+      let { firstPage, count, slot, batchIndex } = sh
+      while (count > 0) {
+        const n = Math.min(count, room)
+        tasks[tasks.length - 1]!.push({ ...sh, firstPage, count: n, slot, batchIndex })
+        firstPage += n, slot += n, batchIndex += n, count -= n, room -= n
+        if (room === 0) tasks.push([]), (room = per)
+      }
+    }
+    const common = {
+      hashes: this.pages.hashes.buffer as SharedArrayBuffer,
+      flags: this.pages.flags.buffer as SharedArrayBuffer,
+      candidates: this.candidates.buffer as SharedArrayBuffer,
+      stable: this.stable.view(),
+    }
+    const filled = tasks.filter((t) => t.length > 0)
+    const mine = filled.length > 1 ? filled.pop()! : undefined
+    const pool = filled.length > 0 && (mine || pages > 64) ? this.workerPool() : undefined
+    const running = filled.map((t) => (pool ? pool.run({ ...common, shards: t } satisfies HashTask) : Promise.resolve(hashShards({ ...common, shards: t }))))
+    if (mine) hashShards({ ...common, shards: mine })
+    await Promise.all(running)
+  }
+
+  /** Decides, page by page, what each page of the batch becomes; then carries it out. */
+  private process(shards: Shard[], held: Region[], mergeNow: boolean): void {
+    const { words, flags, stableNode } = this.pages
+    const { plan, planNode, candidates, zero } = this
+    const st = this.stable
+    const useZero = this.options.useZeroPages
+    const owners: number[] = []
+    const live = new Set(held.filter((r) => this.byId.get(r.id) === r))
+    shards.forEach((sh, i) => {
+      const r = held[i]!
+      plan.fill(Plan.NONE, sh.batchIndex, sh.batchIndex + sh.count)
+      if (!live.has(r)) return // unregistered while its pages were being hashed
+      this.c.pagesScanned += sh.count
+      const dom = sh.domain
+      const accept = (o: number) => {
+        const or = this.regionOfSlot(o)
+        return or !== undefined && this.effectiveDomain(or) === dom && (flags[o]! & Flag.ZERO) === 0
+      }
+      for (let k = 0; k < sh.count; k++) {
+        const s = sh.slot + k, bi = sh.batchIndex + k
+        const f = flags[s]!
+        if (f & Flag.MERGED) continue
+        const lo = words[2 * s]!, hi = words[2 * s + 1]!
+        const isZero = lo === zero.lo && hi === zero.hi
+        if (f & Flag.ZERO) {
+          if (isZero) continue
+          flags[s] = f & ~Flag.ZERO // written since it was dropped
+          this.c.zeroPages--
+        }
+        if (isZero && useZero) {
+          plan[bi] = Plan.ZERO
+          continue
+        }
+        if (!mergeNow && f & (Flag.CHANGED | Flag.NEW)) {
+          if (f & Flag.CHANGED) this.c.volatile++
+          continue
+        }
+        let node = candidates[bi]!
+        if (node >= 0) node = this.roomIn(node)
+        if (node < 0) {
+          const other = this.unstable.findOrInsert(s, lo, hi, dom, words, accept)
+          if (other < 0) continue
+          const of = flags[other]!
+          if (of & (Flag.MERGED | Flag.PENDING)) {
+            node = this.roomIn(stableNode[other]!)
+            if (node < 0) continue
+          } else {
+            // Two pages meet: the earlier one's memory becomes a new stable page.
+            node = st.create(lo, hi, dom, NO_POOL)
+            st.sharers[node] = 1
+            const head = st.find(lo, hi, dom)
+            if (head < 0) st.insertHead(node)
+            else {
+              let last = head
+              while (st.nextDup[last]! >= 0) last = st.nextDup[last]!
+              st.nextDup[last] = node
+            }
+            stableNode[other] = node
+            flags[other] = of | Flag.PENDING
+            owners.push(other)
+          }
+        }
+        st.sharers[node]!++ // counted now so that maxPageSharing holds within the batch
+        plan[bi] = Plan.STABLE
+        planNode[bi] = node
+      }
+    })
+    this.applyZero(shards, held)
+    const failed = this.applyOwners(owners)
+    this.applyMerges(shards, held)
+    for (const n of failed) this.dropSharer(n)
+  }
+
+  /** Budget left for new mappings, re-read from the kernel. */
+  private headroom(): number {
+    return this.options.mapBudget - this.native.mappingCount()
+  }
+
+  private applyZero(shards: Shard[], held: Region[]): void {
+    const ext: number[] = []
+    shards.forEach((sh, i) => {
+      for (let k = 0; k < sh.count; ) {
+        if (this.plan[sh.batchIndex + k] !== Plan.ZERO) {
+          k++
+          continue
+        }
+        let end = k
+        while (end < sh.count && this.plan[sh.batchIndex + end] === Plan.ZERO) end++
+        ext.push(held[i]!.id, sh.firstPage + k, end - k, sh.slot + k)
+        k = end
+      }
+    })
+    this.run(ext, 4, 3, 2, (extents, status) => this.arena.dropZero(extents, status, this.options.mapBudget), (e, ok) => {
+      if (!ok) return
+      for (let s = e[3]!; s < e[3]! + e[2]!; s++) this.pages.flags[s] = (this.pages.flags[s]! | Flag.ZERO) & ~Flag.OWNER
+      this.c.zeroPages += e[2]!
+      this.c.mergedThisScan += e[2]!
+    })
+  }
+
+  /** Makes the planned stable pages: each run of owners' pages becomes pool pages in place. Returns nodes that failed. */
+  private applyOwners(owners: number[]): number[] {
+    const { flags, stableNode } = this.pages
+    owners.sort((a, b) => a - b)
+    const ext: number[] = []
+    for (let i = 0; i < owners.length; ) {
+      const r = this.regionOfSlot(owners[i]!)
+      let j = i + 1
+      while (j < owners.length && owners[j] === owners[j - 1]! + 1 && owners[j]! < r!.slot + r!.pages) j++
+      if (r) ext.push(r.id, owners[i]! - r.slot, j - i, owners[i]!)
+      else for (let k = i; k < j; k++) flags[owners[k]!] = flags[owners[k]!]! & ~Flag.PENDING
+      i = j
+    }
+    const failed: number[] = []
+    const outPool = new Uint32Array(ext.length / 4)
+    let index = 0
+    this.run(ext, 4, 3, 2, (extents, status) => this.arena.stabilize(extents, status, this.options.mapBudget, outPool.subarray(index, (index += extents.length / 3))), (e, ok, n) => {
+      for (let k = 0; k < e[2]!; k++) {
+        const s = e[3]! + k
+        const node = stableNode[s]!
+        flags[s] = flags[s]! & ~Flag.PENDING
+        if (ok) {
+          this.stable.pool[node] = outPool[n]! + k
+          flags[s] = flags[s]! | Flag.MERGED | Flag.OWNER
+        } else failed.push(node)
+      }
+    })
+    // owners whose region died before the extent was built
+    for (const s of owners) if (flags[s]! & Flag.PENDING) (flags[s] = flags[s]! & ~Flag.PENDING), failed.push(stableNode[s]!)
+    return failed
+  }
+
+  private applyMerges(shards: Shard[], held: Region[]): void {
+    const { plan, planNode } = this
+    const pool = this.stable.pool
+    const ext: number[] = []
+    shards.forEach((sh, i) => {
+      const r = held[i]!
+      for (let k = 0; k < sh.count; ) {
+        const bi = sh.batchIndex + k
+        if (plan[bi] !== Plan.STABLE) {
+          k++
+          continue
+        }
+        const first = pool[planNode[bi]!]!
+        if (first === NO_POOL) {
+          this.dropSharer(planNode[bi]!) // its stable page could not be made
+          k++
+          continue
+        }
+        let end = k + 1
+        while (end < sh.count && plan[sh.batchIndex + end] === Plan.STABLE && pool[planNode[sh.batchIndex + end]!] === first + (end - k)) end++
+        ext.push(r.id, sh.firstPage + k, first, end - k, sh.slot + k, bi)
+        k = end
+      }
+    })
+    const { flags, stableNode } = this.pages
+    this.run(ext, 6, 4, 3, (extents, status) => this.arena.merge(extents, status, this.options.mapBudget), (e, ok) => {
+      for (let k = 0; k < e[3]!; k++) {
+        const node = planNode[e[5]! + k]!
+        if (!ok) {
+          this.dropSharer(node)
+          continue
+        }
+        flags[e[4]! + k] = (flags[e[4]! + k]! | Flag.MERGED) & ~Flag.OWNER
+        stableNode[e[4]! + k] = node
+      }
+      if (ok) this.c.mergedThisScan += e[3]!
+    })
+  }
+
+  /**
+   * Submits extents within the mapping budget in one bridge call. `records` holds `stride`
+   * numbers per extent, of which the first `nativeStride` are the bridge's record and the one
+   * at `countAt` its page count; extents beyond the budget are skipped and counted.
+   * `done(record, ok, index)` runs for every record.
+   */
+  private run(
+    records: number[],
+    stride: number,
+    nativeStride: number,
+    countAt: number,
+    call: (extents: Uint32Array, status: Int32Array) => number,
+    done: (record: number[], ok: boolean, index: number) => void,
+  ): void {
+    const n = records.length / stride
+    if (n === 0) return
+    let room = this.headroom()
+    const take: number[] = []
+    for (let i = 0; i < n; i++) {
+      const rec = records.slice(i * stride, (i + 1) * stride)
+      const region = this.byId.get(rec[0]!)
+      const cost = region ? cuts(region, rec[1]!, rec[countAt]!) : 0
+      if (cost > room) {
+        this.c.skipped += rec[countAt]!
+        done(rec, false, -1)
+        continue
+      }
+      room -= cost
+      take.push(i)
+    }
+    if (take.length === 0) return
+    const extents = new Uint32Array(take.length * nativeStride)
+    take.forEach((i, j) => extents.set(records.slice(i * stride, i * stride + nativeStride), j * nativeStride))
+    const status = new Int32Array(take.length)
+    call(extents, status)
+    take.forEach((i, j) => done(records.slice(i * stride, (i + 1) * stride), status[j] === Status.OK, j))
+  }
+
+  // ---- unmerging ------------------------------------------------------------------------------
+
+  private unmergeRegion(region: Region): void {
+    const status = new Int32Array(1)
+    this.arena.unmerge(new Uint32Array([region.id, 0, region.pages]), status, Number.MAX_SAFE_INTEGER)
+    if (status[0] !== Status.OK && status[0] !== Status.GONE)
+      throw Object.assign(error(ErrorCode.BUSY, `unmerging failed with errno ${-status[0]!}; every page still reads its bytes`), { errno: status[0] })
+    const { flags, stableNode } = this.pages
+    for (let s = region.slot; s < region.slot + region.pages; s++) {
+      const f = flags[s]!
+      if (f & Flag.MERGED) this.dropSharer(stableNode[s]!)
+      if (f & Flag.ZERO) this.c.zeroPages--
+      flags[s] = f & ~(Flag.MERGED | Flag.OWNER | Flag.ZERO)
+    }
+  }
+
+  unmergeAll(): Promise<void> {
+    this.assertOpen()
+    return this.exclusive(() => {
+      for (const r of this.regions) this.unmergeRegion(r)
+      this.unstable.clear()
+    })
+  }
+
+  // ---- options, stats, closing ----------------------------------------------------------------
+
+  setOptions(next: ResolvedOptions): void {
+    const sharing = this.stable.live > 0
+    if (sharing && next.maxPageSharing !== this.options.maxPageSharing)
+      throw error(ErrorCode.BUSY, 'options.maxPageSharing cannot change while pages are shared (unmergeAll() first), like the kernel\'s EBUSY')
+    if (sharing && next.mergeAcrossDomains !== this.options.mergeAcrossDomains)
+      throw error(ErrorCode.BUSY, 'options.mergeAcrossDomains cannot change while pages are shared (unmergeAll() first)')
+    if (next.workers !== this.options.workers && this.pool) {
+      const old = this.pool
+      this.pool = undefined
+      void old.destroy()
+    }
+    if (next.mergeAcrossDomains !== this.options.mergeAcrossDomains) this.unstable.clear()
+    this.options = next
+  }
+
+  stats(): Stats {
+    const st = this.stable
+    let shared = 0, sharers = 0, chains = 0, dups = 0
+    const seen = new Set<number>()
+    for (let n = 0; n < st.capacity; n++) {
+      const c = st.sharers[n]!
+      if (c === 0) continue
+      shared++
+      sharers += c
+    }
+    for (const e of st.table) {
+      if (e === 0) continue
+      const head = e - 1
+      if (st.nextDup[head]! < 0 || seen.has(head)) continue
+      seen.add(head)
+      chains++
+      for (let n = head; n >= 0; n = st.nextDup[n]!) dups++
+    }
+    const tracked = this.regions.reduce((s, r) => s + r.pages, 0)
+    const metadata = this.pages.bytes() + st.bytes() + this.unstable.bytes() + this.arena.stats().metadataBytes
+    const sharing = sharers - shared
+    return {
+      pagesShared: shared,
+      pagesSharing: sharing,
+      pagesUnshared: this.c.fullScans > 0 ? this.c.lastUnshared : this.unstable.size,
+      pagesVolatile: this.c.lastVolatile,
+      fullScans: this.c.fullScans,
+      pagesScanned: this.c.pagesScanned,
+      stableNodeChains: chains,
+      stableNodeDups: dups,
+      zeroPages: this.c.zeroPages,
+      generalProfit: (sharing + this.c.zeroPages) * PAGE_SIZE - metadata,
+      pagesSkippedBudget: this.c.lastSkipped,
+      metadataBytesPerPage: tracked ? metadata / tracked : 0,
+      pagesTracked: tracked,
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return
+    await this.stop()
+    this.closed = true
+    await this.exclusive(async () => {
+      await this.pool?.destroy()
+      this.pool = undefined
+    })
+  }
+
+  private assertOpen(): void {
+    if (this.closed) throw error(ErrorCode.CLOSED, 'this PageMerger was closed')
+  }
+}
+
+/** The SharedArrayBuffer behind a buffer from alloc(), or the SharedArrayBuffer itself. */
+function sharedBufferOf(target: unknown): SharedArrayBuffer {
+  if (target instanceof SharedArrayBuffer) return target
+  if (ArrayBuffer.isView(target) && target.buffer instanceof SharedArrayBuffer && target.byteOffset === 0) return target.buffer
+  if (ArrayBuffer.isView(target) || target instanceof ArrayBuffer)
+    throw typeError(ErrorCode.FOREIGN_BUFFER, 'buffer must come from pm.alloc() (a view of the whole SharedArrayBuffer it returned)')
+  throw typeError(ErrorCode.INVALID_ARG, 'buffer must be a Buffer from pm.alloc() or its SharedArrayBuffer')
+}
+

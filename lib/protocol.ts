@@ -1,0 +1,65 @@
+/**
+ * The one definition of what the coordinator sends its worker threads and what comes back.
+ * Both sides import it; workers are stateless functions of a task.
+ */
+
+/** Bits of the per-page flags array (PageArrays.flags). */
+export const Flag = {
+  /** hashes[slot] holds the hash this page had at its previous scan. */
+  HASHED: 1,
+  /** Set by the worker: the page's hash differs from the one it had at its previous scan. */
+  CHANGED: 2,
+  /** The page maps a stable page (stableNode[slot]). */
+  MERGED: 4,
+  /** The page was all zero bytes and was given back: it reads the kernel's zero page. */
+  ZERO: 8,
+  /** The page's own memory became its stable page's pool page (counted as `shared`). */
+  OWNER: 16,
+  /** Set by the worker: the page was hashed for the first time. */
+  NEW: 32,
+  /** The page is the owner of a stable page planned in this batch (its pool page is not made yet). */
+  PENDING: 64,
+} as const
+
+/** A run of pages of one registered buffer, and where its per-page state lives. */
+export interface Shard {
+  buffer: SharedArrayBuffer
+  firstPage: number
+  count: number
+  /** First slot of this run in the page arrays. */
+  slot: number
+  /** Where this run's candidates go in the batch's candidate array. */
+  batchIndex: number
+  /** The domain's number: mixed into the table key and compared on every table hit. */
+  domain: number
+}
+
+/** Read-only snapshot of the stable table that workers search. */
+export interface StableView {
+  table: SharedArrayBuffer // Int32Array: node + 1, or 0 for empty
+  hashLo: SharedArrayBuffer // Uint32Array per node
+  hashHi: SharedArrayBuffer
+  domain: SharedArrayBuffer
+}
+
+/** Hash the shards' pages and look each one up in the stable table. */
+export interface HashTask {
+  shards: Shard[]
+  hashes: SharedArrayBuffer // BigUint64Array per slot
+  flags: SharedArrayBuffer // Uint8Array per slot
+  candidates: SharedArrayBuffer // Int32Array per batch page: stable node or -1
+  stable: StableView
+}
+
+export interface HashResult {
+  /** Pages hashed (merged pages are skipped: their bytes live in the pool). */
+  hashed: number
+}
+
+/**
+ * Table probe start for a page hash in a domain (shared so both sides probe alike). The domain
+ * is mixed in so that the same content held by many domains does not form one long probe run.
+ */
+export function probeStart(hashLo: number, domain: number, mask: number): number {
+  return (Math.imul((hashLo ^ Math.imul(domain, 0x85ebca6b)) >>> 0, 0x9e3779b1) >>> 0) & mask
+}
