@@ -27,8 +27,9 @@ export function meminfo(): Record<string, number> {
 }
 
 /**
- * Pss of the mappings that lie inside [address, address + length), from /proc/self/smaps: the
- * memory one buffer costs, without the noise of the rest of the process.
+ * Pss of the mappings that overlap [address, address + length), each counted once, from
+ * /proc/self/smaps: what a span of buffers costs, without the noise of the rest of the process.
+ * A mapping is counted whole, so give a span whose neighbours are not part of its mappings.
  */
 export function rangePss(address: bigint, length: number): number {
   const end = address + BigInt(length)

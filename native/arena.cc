@@ -1,6 +1,10 @@
 // The arena: one memfd per Arena holds every shared-kind allocation's own pages and every pool
 // page. A merge makes pages MAP_PRIVATE views of pool pages (copy-on-write); pool pages are
 // counted per mapping here, so a page is punched out of the file only when nothing maps it.
+//
+// Every allocation lives at arena base + its file offset, inside one reserved address range:
+// neighbouring allocations are neighbouring windows of the file, which the kernel keeps as one
+// mapping (VMA), so ten thousand small buffers cost a handful of mappings, not ten thousand.
 #include "arena.h"
 
 #include <fcntl.h>
@@ -11,7 +15,9 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <unordered_map>
@@ -102,9 +108,15 @@ struct Allocation {
 struct ArenaCore {
   std::mutex mu;
   int fd = -1;
-  uint8_t* view = nullptr;  // read-only MAP_SHARED view of the whole file: pool bytes to verify against
+  uint8_t* base = nullptr;  // reserved address range: page p of the file is mapped at base + p pages
   uint64_t reservePages = 0;
-  uint64_t nextPage = 0;  // bump allocator over file pages; offsets are never reused
+  uint64_t top = 0;                           // pages [top, reservePages) have never been used
+  std::map<uint64_t, uint64_t> freeRanges;    // start -> length: reusable offsets (and addresses)
+  struct Drain {
+    uint64_t pages;  // length of the range
+    uint64_t live;   // its pages that are still live pool pages
+  };
+  std::map<uint64_t, Drain> draining;  // ranges no allocation owns, waiting for their pool pages to go
   uint32_t nextId = 1;
   std::unordered_map<uint32_t, std::unique_ptr<Allocation>> allocs;
   std::unordered_map<uintptr_t, uint32_t> byBase;
@@ -112,8 +124,66 @@ struct ArenaCore {
   uint64_t poolPages = 0, poolMappings = 0, trackedPages = 0, punchFailures = 0;
 
   ~ArenaCore() {
-    if (view) munmap(view, reservePages * kPage);
+    if (base) munmap(base, reservePages * kPage);
     if (fd >= 0) close(fd);
+  }
+
+  // First fit among freed ranges, else fresh offsets; returns false when the reserve is used up.
+  bool TakeRange(uint64_t pages, uint64_t* start) {
+    for (auto it = freeRanges.begin(); it != freeRanges.end(); ++it) {
+      if (it->second < pages) continue;
+      *start = it->first;
+      uint64_t rest = it->second - pages;
+      freeRanges.erase(it);
+      if (rest) freeRanges[*start + pages] = rest;
+      return true;
+    }
+    if (pages > reservePages - top) return false;
+    *start = top;
+    top += pages;
+    return true;
+  }
+
+  void GiveRange(uint64_t start, uint64_t pages) {
+    auto next = freeRanges.lower_bound(start);
+    if (next != freeRanges.end() && next->first == start + pages) {  // join the following range
+      pages += next->second;
+      next = freeRanges.erase(next);
+    }
+    if (next != freeRanges.begin()) {  // join the preceding range
+      auto prev = std::prev(next);
+      if (prev->first + prev->second == start) {
+        start = prev->first;
+        pages += prev->second;
+        freeRanges.erase(prev);
+      }
+    }
+    if (start + pages == top)  // the end of what was ever used moves back
+      top = start;
+    else
+      freeRanges[start] = pages;
+  }
+
+  // A range no allocation owns any more: reusable once none of its pages is a live pool page.
+  void Retire(uint64_t start, uint64_t pages) {
+    uint64_t live = 0;
+    for (uint64_t k = 0; k < pages; k++)
+      if (refs.Get(static_cast<uint32_t>(start + k))) live++;
+    if (live == 0)
+      GiveRange(start, pages);
+    else
+      draining[start] = Drain{pages, live};
+  }
+
+  // A pool page's last mapping went away: the retired range it lies in may now be reusable.
+  void PoolPageFreed(uint64_t page) {
+    auto it = draining.upper_bound(page);
+    if (it == draining.begin()) return;
+    --it;
+    if (page >= it->first + it->second.pages || --it->second.live != 0) return;
+    uint64_t start = it->first, pages = it->second.pages;
+    draining.erase(it);
+    GiveRange(start, pages);
   }
 
   void IncRef(uint32_t p) {
@@ -125,6 +195,7 @@ struct ArenaCore {
     poolMappings--;
     if (!refs.Dec(p)) return false;
     poolPages--;
+    PoolPageFreed(p);
     return true;
   }
 
@@ -144,16 +215,25 @@ struct ArenaCore {
     }
   }
 
-  // Compares bytes with pool pages through the view, then drops the view's page-table entries so
-  // that the view neither costs page tables nor shows up as one more sharer in Pss.
-  bool Matches(const uint8_t* bytes, uint64_t poolFirst, uint64_t count) {
-    uint8_t* src = view + poolFirst * kPage;
-    size_t len = count * kPage;
-    madvise(src, len, MADV_POPULATE_READ);  // one batch of faults, not one per 64 KiB
-    bool same = std::memcmp(bytes, src, len) == 0;
-    madvise(src, len, MADV_DONTNEED);
-    return same;
+  // memcmp order of `bytes` against pool pages, read from the file with pread into a small
+  // buffer: cheaper here than faulting the pool pages into a mapping (and no page tables kept).
+  // Returns -2 when the file cannot be read.
+  int ComparePool(const uint8_t* bytes, uint64_t poolFirst, uint64_t count) {
+    constexpr size_t kChunk = 256 * 1024;
+    std::unique_ptr<uint8_t[]> bounce(new uint8_t[kChunk]);
+    uint64_t off = poolFirst * kPage, len = count * kPage;
+    for (uint64_t done = 0; done < len;) {
+      size_t want = static_cast<size_t>(std::min<uint64_t>(kChunk, len - done));
+      ssize_t n = pread(fd, bounce.get(), want, static_cast<off_t>(off + done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return -2;
+      if (int c = std::memcmp(bytes + done, bounce.get(), static_cast<size_t>(n))) return c < 0 ? -1 : 1;
+      done += static_cast<uint64_t>(n);
+    }
+    return 0;
   }
+
+  bool Matches(const uint8_t* bytes, uint64_t poolFirst, uint64_t count) { return ComparePool(bytes, poolFirst, count) == 0; }
 
   Allocation* Find(uint32_t id) {
     auto it = allocs.find(id);
@@ -161,7 +241,7 @@ struct ArenaCore {
   }
 
   bool PoolLive(uint64_t first, uint64_t count) const {
-    if (first >= nextPage || count > nextPage - first) return false;
+    if (first >= top || count > top - first) return false;
     for (uint64_t k = 0; k < count; k++)
       if (refs.Get(static_cast<uint32_t>(first + k)) == 0) return false;
     return true;
@@ -182,8 +262,11 @@ void Collect(void* /*data*/, size_t /*length*/, void* deleterData) {
   auto it = core.allocs.find(owner->id);
   if (it == core.allocs.end()) return;
   Allocation& a = *it->second;
-  munmap(a.base, a.pages * kPage);
+  // Give the pages back but keep the addresses reserved, so that only this arena maps there again.
+  void* p = mmap(a.base, a.pages * kPage, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
   core.Retarget(a, 0, a.pages, kNoPool, kAnon);
+  if (p != MAP_FAILED) core.Retire(static_cast<uint64_t>(a.own), a.pages);  // else: never reuse it
+  else munmap(a.base, a.pages * kPage);
   core.byBase.erase(reinterpret_cast<uintptr_t>(a.base));
   core.trackedPages -= a.pages;
   core.allocs.erase(it);
@@ -270,12 +353,13 @@ class Arena : public Napi::ObjectWrap<Arena> {
       ThrowErrno(env, errno, "ftruncate", "cannot size the page arena");
       return;
     }
-    void* view = mmap(nullptr, reserve, PROT_READ, MAP_SHARED | MAP_NORESERVE, core->fd, 0);
-    if (view == MAP_FAILED) {
-      ThrowErrno(env, errno, "mmap", "cannot map the page arena's read-only view");
+    // Addresses for the whole arena, reserved but costing nothing (PROT_NONE, no commit charge).
+    void* base = mmap(nullptr, reserve, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (base == MAP_FAILED) {
+      ThrowErrno(env, errno, "mmap", "cannot reserve " + std::to_string(reserve) + " bytes of addresses for the arena (lower reserveBytes, or raise ulimit -v)");
       return;
     }
-    core->view = static_cast<uint8_t*>(view);
+    core->base = static_cast<uint8_t*>(base);
     core->reservePages = reserve / kPage;
     core_ = std::move(core);
   }
@@ -301,19 +385,22 @@ class Arena : public Napi::ObjectWrap<Arena> {
     {
       std::lock_guard<std::mutex> lock(core_->mu);
       ArenaCore& c = *core_;
-      void* p;
-      if (shared) {
-        if (pages > c.reservePages - c.nextPage)
-          return ThrowPlain(env, code::ARENA_FULL, "the arena's " + std::to_string(c.reservePages * kPage) +
-                                                       " bytes of file offsets are used up; create another Arena");
-        p = mmap(nullptr, pages * kPage, PROT_READ | PROT_WRITE, MAP_SHARED, c.fd, static_cast<off_t>(c.nextPage * kPage));
-        if (p == MAP_FAILED) return ThrowErrno(env, errno, "mmap", "cannot map " + std::to_string(bytes) + " bytes");
-        a->own = static_cast<int64_t>(c.nextPage);
-        c.nextPage += pages;
-      } else {
-        p = mmap(nullptr, pages * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (p == MAP_FAILED) return ThrowErrno(env, errno, "mmap", "cannot map " + std::to_string(bytes) + " bytes");
+      uint64_t start;
+      if (!c.TakeRange(pages, &start))
+        return ThrowPlain(env, code::ARENA_FULL, "the arena's " + std::to_string(c.reservePages * kPage) +
+                                                     " bytes are in use; create another Arena (or a larger one)");
+      uint8_t* at = c.base + start * kPage;
+      off_t off = static_cast<off_t>(start * kPage);
+      if (shared) fallocate(c.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, static_cast<off_t>(pages * kPage));  // reused offsets start as zeros
+      void* p = shared ? mmap(at, pages * kPage, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, c.fd, off)
+                       : mmap(at, pages * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+      if (p == MAP_FAILED) {
+        int err = errno;
+        mmap(at, pages * kPage, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+        c.GiveRange(start, pages);
+        return ThrowErrno(env, err, "mmap", "cannot map " + std::to_string(bytes) + " bytes");
       }
+      a->own = static_cast<int64_t>(start);
       a->base = static_cast<uint8_t*>(p);
       a->id = c.nextId++;
       if (c.nextId == 0) c.nextId = 1;
@@ -405,16 +492,11 @@ class Arena : public Napi::ObjectWrap<Arena> {
     ArenaCore& c = *core_;
     std::vector<Allocation*> alloc(ex.n);
     int64_t cost = 0;
-    uint64_t copyPages = 0;
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 3;
       if (!CheckRange(env, i, r[0], r[1], r[2], &alloc[i])) return Napi::Value();
-      if (!alloc[i]) continue;
-      cost += Cuts(*alloc[i], r[1], r[2]);
-      if (!AllState(*alloc[i], r[1], r[2], kShared)) copyPages += r[2];
+      if (alloc[i]) cost += Cuts(*alloc[i], r[1], r[2]);
     }
-    if (copyPages > c.reservePages - c.nextPage)
-      return ThrowPlain(env, code::ARENA_FULL, "the arena has no file offsets left for " + std::to_string(copyPages) + " pool pages");
     if (!CheckBudget(env, cost, budget)) return Napi::Value();
     uint64_t done = 0;
     for (size_t i = 0; i < ex.n; i++) {
@@ -431,29 +513,30 @@ class Arena : public Napi::ObjectWrap<Arena> {
       bool copied = !AllState(*a, page, count, kShared);
       if (!copied) {
         target = static_cast<uint64_t>(a->own) + page;
-      } else {
-        target = c.nextPage;
-        c.nextPage += count;
-        if (int err = WriteAll(c.fd, dst, len, target * kPage)) {
-          PunchRun(target, count);
-          ex.status[i] = -err;
+      } else {  // a run of fresh offsets that no allocation owns, retired once its pool pages go
+        if (!c.TakeRange(count, &target)) {
+          ex.status[i] = -ENOSPC;
           continue;
         }
-        if (!c.Matches(dst, target, count)) {  // written while we copied
+        int err = WriteAll(c.fd, dst, len, target * kPage);
+        int32_t failed = err ? -err : c.Matches(dst, target, count) ? kOk : kMismatch;  // mismatch: written while we copied
+        if (failed != kOk) {
           PunchRun(target, count);
-          ex.status[i] = kMismatch;
+          c.GiveRange(target, count);
+          ex.status[i] = failed;
           continue;
         }
       }
       void* p = mmap(dst, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, c.fd, static_cast<off_t>(target * kPage));
       if (p == MAP_FAILED) {
         ex.status[i] = -errno;
-        if (copied) PunchRun(target, count);
+        if (copied) PunchRun(target, count), c.GiveRange(target, count);
         continue;
       }
       if (!copied)  // the window's own pages now belong to the pool; they must not be punched as own pages
         for (uint64_t k = 0; k < count; k++) a->state[page + k] = kAnon;
       c.Retarget(*a, page, count, static_cast<uint32_t>(target), kMerged);
+      if (copied) c.draining[target] = ArenaCore::Drain{count, count};
       poolOut[i] = static_cast<uint32_t>(target);
       ex.status[i] = kOk;
       done += count;
@@ -673,10 +756,9 @@ class Arena : public Napi::ObjectWrap<Arena> {
     std::lock_guard<std::mutex> lock(core_->mu);
     if (!core_->PoolLive(poolPage, count))
       return ThrowRange(env, code::NOT_POOL_PAGE, "pool pages " + std::to_string(poolPage) + "+" + std::to_string(count) + " are not all live");
-    uint8_t* src = core_->view + poolPage * kPage;
-    int r = std::memcmp(p, src, count * kPage);
-    madvise(src, count * kPage, MADV_DONTNEED);
-    return Napi::Number::New(env, r < 0 ? -1 : r > 0 ? 1 : 0);
+    int r = core_->ComparePool(p, poolPage, count);
+    if (r == -2) return ThrowErrno(env, errno ? errno : EIO, "pread", "cannot read pool pages");
+    return Napi::Number::New(env, r);
   }
 
   // pageStates(buffer, firstPage, count, outState: Uint8Array, outPool: Uint32Array) -> count
@@ -727,7 +809,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
       poolMappings = c.poolMappings;
       punchFailures = c.punchFailures;
       reserve = c.reservePages * kPage;
-      used = c.nextPage * kPage;
+      used = c.top * kPage;
       metadata = c.refs.Bytes() + c.allocs.size() * sizeof(Allocation);
       for (auto& kv : c.allocs) metadata += kv.second->state.capacity() + kv.second->pool.capacity() * 4;
     }

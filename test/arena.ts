@@ -28,7 +28,12 @@ function mergePair(arena: InstanceType<typeof native.Arena>, a: Uint8Array, b: U
 
 /** Reads every page (natively, so the JS heap stays still) so that Pss counts what is mapped. */
 const touch = (...bufs: Uint8Array[]) => bufs.forEach((b) => native.hashPages(b, 0, b.byteLength / PAGE, new BigUint64Array(b.byteLength / PAGE), 0))
-const pssOf = (...bufs: Uint8Array[]) => bufs.reduce((s, b) => s + rangePss(native.addressOf(b), b.byteLength), 0)
+/** Pss of the mappings over the buffers' address span (each mapping once: neighbours may share one). */
+const pssOf = (...bufs: Uint8Array[]) => {
+  const lo = bufs.map((b) => native.addressOf(b)).reduce((m, x) => (x < m ? x : m))
+  const hi = bufs.map((b) => native.addressOf(b) + BigInt(b.byteLength)).reduce((m, x) => (x > m ? x : m))
+  return rangePss(lo, Number(hi - lo))
+}
 
 t.test('two identical 32 MiB buffers merge: Pss halves, few mappings, bytes intact', async (t) => {
   const arena = new native.Arena()
@@ -198,4 +203,41 @@ t.test('private anonymous buffers merge by copying into the pool', async (t) => 
   t.ok(pss - pssOf(a, b) >= 15 * MiB, 'Pss of the two buffers fell by about one buffer')
   t.equal(digest(a), da)
   t.equal(digest(b), da)
+})
+
+t.test('ten thousand small buffers cost a handful of mappings', async (t) => {
+  const arena = new native.Arena()
+  const before = native.mappingCount()
+  const bufs = Array.from({ length: 10000 }, (_, i) => new Uint8Array(arena.alloc(100 + (i % 5000), true)))
+  bufs.forEach((b, i) => (b[0] = i & 0xff))
+  t.ok(native.mappingCount() - before <= 4, `mappings grew by ${native.mappingCount() - before}`)
+  t.ok(bufs.every((b, i) => b[0] === (i & 0xff)), 'each buffer holds its own bytes')
+})
+
+t.test('freed address ranges are reused once no pool page in them is live', async (t) => {
+  const arena = new native.Arena(64 * MiB)
+  // Allocate and drop 32 MiB ten times in a 64 MiB arena: it only fits if freed ranges come back.
+  for (let i = 0; i < 10; i++) {
+    let b: Uint8Array | undefined = new Uint8Array(arena.alloc(32 * MiB, true))
+    b[i] = 1
+    t.equal(b[i + 1], 0, 'a reused range starts as zeros')
+    b = undefined
+    t.ok(await gcUntil(() => arena.stats().allocations === 0), `round ${i}: collected`)
+  }
+  // A range whose pages are pool pages for a survivor is not reused until the survivor goes.
+  let a: Uint8Array | undefined = new Uint8Array(arena.alloc(16 * MiB, true))
+  let b: Uint8Array | undefined = new Uint8Array(arena.alloc(16 * MiB, true))
+  fillRandom(a, 9)
+  b.set(a)
+  mergePair(arena, a, b)
+  const db = digest(b)
+  a = undefined
+  t.ok(await gcUntil(() => arena.stats().allocations === 1))
+  t.throws(() => arena.alloc(48 * MiB, true), { code: 'ERR_PAGEMERGE_ARENA_FULL' }, 'the first range still holds pool pages')
+  t.equal(digest(b), db, 'the survivor still reads its bytes')
+  b = undefined
+  t.ok(await gcUntil(() => arena.stats().allocations === 0))
+  const c = new Uint8Array(arena.alloc(64 * MiB, true))
+  t.ok(c.every((x) => x === 0), 'the whole arena is usable again, zeroed')
+  t.equal(arena.stats().poolPages, 0)
 })
