@@ -3,6 +3,7 @@
  * unstable indexes, the merge planner and the statistics. It alone writes the indexes and asks
  * the bridge to merge; worker threads only hash pages and search the stable index.
  */
+import { existsSync } from 'node:fs'
 import { join } from 'node:path'
 import { Piscina } from 'piscina'
 import { error, ErrorCode, typeError } from './errors'
@@ -65,11 +66,10 @@ interface Region {
 /** Actions planned for the pages of one batch. */
 const Plan = { NONE: 0, ZERO: 1, STABLE: 2 } as const
 
-const WORKER_FILE = join(__dirname, '..', 'workers', 'hash.js')
+/** The compiled worker: beside lib/ in dist/, or in dist/ when lib/ runs from source (tests under a TypeScript loader). */
+const WORKER_FILE = [join(__dirname, '..', 'workers', 'hash.js'), join(__dirname, '..', 'dist', 'workers', 'hash.js')].find((f) => existsSync(f)) ?? join(__dirname, '..', 'workers', 'hash.js')
 /** Pages per batch in mergeNow(): large enough to amortize a round trip to the workers. */
 const MERGE_NOW_BATCH = 1 << 16
-/** Worst-case mappings an extent adds when it replaces part of a region: one per cut. */
-const cuts = (r: Region, page: number, count: number) => (page > 0 ? 1 : 0) + (page + count < r.pages ? 1 : 0)
 
 /** Per-page state, indexed by slot, in SharedArrayBuffers so workers can fill it. */
 class PageArrays {
@@ -119,6 +119,8 @@ export class Engine {
   private queue: Promise<unknown> = Promise.resolve()
   private cursor = { region: 0, page: 0 }
   private background: Promise<void> | undefined
+  /** Ends the background scanner's sleep early: its timer is unref'd, so stop() must not wait on it. */
+  private wake: (() => void) | undefined
   private running = false
   private closed = false
   private readonly zero: { lo: number; hi: number }
@@ -162,8 +164,9 @@ export class Engine {
     const slot = this.takeSlots(pages)
     const region: Region = { id, ref: new WeakRef(sab), pages, slot, domainKey: domain, domain: this.domainNumber(domain) }
     this.pages.flags.fill(0, slot, slot + pages)
-    this.regions.push(region)
-    this.regions.sort((a, b) => a.slot - b.slot)
+    const at = this.regionIndex(slot)
+    this.regions.splice(at, 0, region)
+    if (at <= this.cursor.region && this.regions.length > 1) this.cursor.region++ // the cursor stays on its region
     this.byId.set(id, region)
     this.finalizer.register(sab, id, region)
     this.unstable.reserve(this.slotTop)
@@ -239,8 +242,22 @@ export class Engine {
       flags[s] = 0
     }
     this.byId.delete(region.id)
-    this.regions = this.regions.filter((r) => r !== region)
+    const at = this.regionIndex(region.slot)
+    this.regions.splice(at, 1)
+    if (this.cursor.region > at) this.cursor.region-- // the cursor stays on its region
+    else if (this.cursor.region === at) this.cursor.page = 0 // its region is gone: on to the next
     this.freeSlots.push([region.slot, region.pages])
+  }
+
+  /** Index of the first region whose slots start at or after `slot` (regions are in slot order). */
+  private regionIndex(slot: number): number {
+    let lo = 0, hi = this.regions.length
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1
+      if (this.regions[mid]!.slot < slot) lo = mid + 1
+      else hi = mid
+    }
+    return lo
   }
 
   private regionOfSlot(slot: number): Region | undefined {
@@ -325,13 +342,18 @@ export class Engine {
           if (await this.batch(this.options.pagesToScan, false)) this.endScan(true)
         })
         if (!this.running) break
-        await new Promise<void>((r) => setTimeout(r, this.options.sleepMillisecs).unref())
+        await new Promise<void>((r) => {
+          const timer = setTimeout(r, this.options.sleepMillisecs).unref()
+          this.wake = () => (clearTimeout(timer), r())
+        })
+        this.wake = undefined
       }
     })()
   }
 
   async stop(): Promise<void> {
     this.running = false
+    this.wake?.()
     await this.background
     this.background = undefined
   }
@@ -397,12 +419,22 @@ export class Engine {
   /** Merged pages written since: their stable page loses a sharer (pagemap tells, not hashing). */
   private reap(shards: Shard[], held: Region[]): void {
     const { flags, stableNode } = this.pages
+    const which: number[] = [] // shards holding merged pages
     shards.forEach((sh, i) => {
-      let any = false
-      for (let s = sh.slot; s < sh.slot + sh.count && !any; s++) any = (flags[s]! & Flag.MERGED) !== 0
-      if (!any) return
-      const r = held[i]!
-      if (this.arena.reapWritten(new Uint32Array([r.id, sh.firstPage, sh.count])) === 0) return
+      for (let s = sh.slot; s < sh.slot + sh.count; s++)
+        if (flags[s]! & Flag.MERGED) {
+          which.push(i)
+          return
+        }
+    })
+    if (which.length === 0) return
+    const extents = new Uint32Array(which.length * 3)
+    which.forEach((i, j) => extents.set([held[i]!.id, shards[i]!.firstPage, shards[i]!.count], j * 3))
+    const counts = new Int32Array(which.length)
+    if (this.arena.reapWritten(extents, counts) === 0) return
+    which.forEach((i, j) => {
+      const sh = shards[i]!
+      if (counts[j] === 0) return
       const states = new Uint8Array(sh.count), pools = new Uint32Array(sh.count)
       this.arena.pageStates(sh.buffer, sh.firstPage, sh.count, states, pools)
       for (let k = 0; k < sh.count; k++) {
@@ -517,11 +549,6 @@ export class Engine {
     for (const n of failed) this.dropSharer(n)
   }
 
-  /** Budget left for new mappings, re-read from the kernel. */
-  private headroom(): number {
-    return this.options.mapBudget - this.native.mappingCount()
-  }
-
   private applyZero(shards: Shard[], held: Region[]): void {
     const ext: number[] = []
     shards.forEach((sh, i) => {
@@ -616,10 +643,10 @@ export class Engine {
   }
 
   /**
-   * Submits extents within the mapping budget in one bridge call. `records` holds `stride`
-   * numbers per extent, of which the first `nativeStride` are the bridge's record and the one
-   * at `countAt` its page count; extents beyond the budget are skipped and counted.
-   * `done(record, ok, index)` runs for every record.
+   * Carries out extents in one bridge call. `records` holds `stride` numbers per extent, of
+   * which the first `nativeStride` are the bridge's record and the one at `countAt` its page
+   * count. The bridge leaves alone (and reports) extents that would pass the mapping budget;
+   * they are counted as skipped. `done(record, ok, index)` runs for every record.
    */
   private run(
     records: number[],
@@ -631,26 +658,15 @@ export class Engine {
   ): void {
     const n = records.length / stride
     if (n === 0) return
-    let room = this.headroom()
-    const take: number[] = []
+    const extents = new Uint32Array(n * nativeStride)
+    for (let i = 0; i < n; i++) extents.set(records.slice(i * stride, i * stride + nativeStride), i * nativeStride)
+    const status = new Int32Array(n)
+    call(extents, status)
     for (let i = 0; i < n; i++) {
       const rec = records.slice(i * stride, (i + 1) * stride)
-      const region = this.byId.get(rec[0]!)
-      const cost = region ? cuts(region, rec[1]!, rec[countAt]!) : 0
-      if (cost > room) {
-        this.c.skipped += rec[countAt]!
-        done(rec, false, -1)
-        continue
-      }
-      room -= cost
-      take.push(i)
+      if (status[i] === Status.BUDGET) this.c.skipped += rec[countAt]!
+      done(rec, status[i] === Status.OK, i)
     }
-    if (take.length === 0) return
-    const extents = new Uint32Array(take.length * nativeStride)
-    take.forEach((i, j) => extents.set(records.slice(i * stride, i * stride + nativeStride), j * nativeStride))
-    const status = new Int32Array(take.length)
-    call(extents, status)
-    take.forEach((i, j) => done(records.slice(i * stride, (i + 1) * stride), status[j] === Status.OK, j))
   }
 
   // ---- unmerging ------------------------------------------------------------------------------

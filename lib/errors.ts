@@ -13,8 +13,6 @@ export const ErrorCode = {
   FOREIGN_BUFFER: 'ERR_PAGEMERGE_FOREIGN_BUFFER',
   /** A merge named pool pages that are not live. */
   NOT_POOL_PAGE: 'ERR_PAGEMERGE_NOT_POOL_PAGE',
-  /** The change could take the process's mappings above the mapping budget; nothing changed. */
-  MAP_BUDGET: 'ERR_PAGEMERGE_MAP_BUDGET',
   /** The arena's file offsets are used up. */
   ARENA_FULL: 'ERR_PAGEMERGE_ARENA_FULL',
   /** The native addon could not be loaded. */

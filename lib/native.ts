@@ -8,8 +8,11 @@ import { error, ErrorCode } from './errors'
 
 /** What a page of an allocation is mapped to (native/common.h PageState). */
 export const PageState = { SHARED: 0, ANON: 1, MERGED: 2, WRITTEN: 3 } as const
-/** Per-extent results of arena calls (native/common.h Status); negative values are -errno. */
-export const Status = { OK: 0, MISMATCH: 1, GONE: 2 } as const
+/**
+ * Per-extent results of arena calls (native/common.h Status); negative values are -errno.
+ * BUDGET: the extent could take the process's mappings above the budget, so it was left alone.
+ */
+export const Status = { OK: 0, MISMATCH: 1, GONE: 2, BUDGET: 3 } as const
 /** Pool page number meaning "none". */
 export const NO_POOL = 0xffffffff
 /** Bytes per page: the unit of hashing and merging. */
@@ -47,8 +50,8 @@ export interface NativeArena {
   dropZero(extents: Uint32Array, status: Int32Array, budget: number): number
   /** Records [id, page, count]; every page becomes private anonymous memory with the same bytes. */
   unmerge(extents: Uint32Array, status: Int32Array, budget: number): number
-  /** Records [id, page, count]; merged pages that were written since stop counting as pool mappings. */
-  reapWritten(extents: Uint32Array): number
+  /** Records [id, page, count]; merged pages written since stop counting as pool mappings (per extent in counts). */
+  reapWritten(extents: Uint32Array, counts?: Int32Array): number
   comparePool(buffer: Bytes, page: number, poolPage: number, count?: number): -1 | 0 | 1
   pageStates(buffer: Bytes, firstPage: number, count: number, outState: Uint8Array, outPool: Uint32Array): number
   poolRefs(poolFirst: number, count: number, out: Uint32Array): number
@@ -62,6 +65,7 @@ export interface NativeBinding {
     STATUS_OK: number
     STATUS_MISMATCH: number
     STATUS_GONE: number
+    STATUS_BUDGET: number
     STATE_SHARED: number
     STATE_ANON: number
     STATE_MERGED: number

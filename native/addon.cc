@@ -17,6 +17,7 @@ Napi::Object Constants(Napi::Env env) {
   c.Set("STATUS_OK", Napi::Number::New(env, kOk));
   c.Set("STATUS_MISMATCH", Napi::Number::New(env, kMismatch));
   c.Set("STATUS_GONE", Napi::Number::New(env, kGone));
+  c.Set("STATUS_BUDGET", Napi::Number::New(env, kBudget));
   c.Set("STATE_SHARED", Napi::Number::New(env, kShared));
   c.Set("STATE_ANON", Napi::Number::New(env, kAnon));
   c.Set("STATE_MERGED", Napi::Number::New(env, kMerged));

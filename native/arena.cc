@@ -16,6 +16,7 @@
 
 #include <cerrno>
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -105,6 +106,8 @@ struct Allocation {
   std::vector<uint32_t> pool;
 };
 
+constexpr size_t kBounce = 256 * 1024;
+
 struct ArenaCore {
   std::mutex mu;
   int fd = -1;
@@ -121,6 +124,9 @@ struct ArenaCore {
   std::unordered_map<uint32_t, std::unique_ptr<Allocation>> allocs;
   std::unordered_map<uintptr_t, uint32_t> byBase;
   RefTable refs;
+  std::unique_ptr<uint8_t[]> bounce{new uint8_t[kBounce]};  // pool bytes read back for comparison
+  int64_t mappings = -1;                                     // estimate of the process's mappings
+  std::chrono::steady_clock::time_point counted;
   uint64_t poolPages = 0, poolMappings = 0, trackedPages = 0, punchFailures = 0;
 
   ~ArenaCore() {
@@ -219,11 +225,9 @@ struct ArenaCore {
   // buffer: cheaper here than faulting the pool pages into a mapping (and no page tables kept).
   // Returns -2 when the file cannot be read.
   int ComparePool(const uint8_t* bytes, uint64_t poolFirst, uint64_t count) {
-    constexpr size_t kChunk = 256 * 1024;
-    std::unique_ptr<uint8_t[]> bounce(new uint8_t[kChunk]);
     uint64_t off = poolFirst * kPage, len = count * kPage;
     for (uint64_t done = 0; done < len;) {
-      size_t want = static_cast<size_t>(std::min<uint64_t>(kChunk, len - done));
+      size_t want = static_cast<size_t>(std::min<uint64_t>(kBounce, len - done));
       ssize_t n = pread(fd, bounce.get(), want, static_cast<off_t>(off + done));
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0) return -2;
@@ -234,6 +238,25 @@ struct ArenaCore {
   }
 
   bool Matches(const uint8_t* bytes, uint64_t poolFirst, uint64_t count) { return ComparePool(bytes, poolFirst, count) == 0; }
+
+  // Whether `cost` more mappings fit under `budget`; if so they are counted as taken. The
+  // process's mappings are counted again (reading /proc/self/maps costs ~1 µs per mapping) only
+  // when the estimate is near the budget or a second old; in between, our own changes are added
+  // at their worst case, so the estimate only errs high.
+  bool Fits(int64_t cost, double budget) {
+    if (cost <= 0) return true;
+    auto now = std::chrono::steady_clock::now();
+    double margin = std::max(256.0, budget / 32);
+    if (mappings < 0 || static_cast<double>(mappings + cost) > budget - margin || now - counted > std::chrono::seconds(1)) {
+      int64_t n = CountMappings();
+      if (n < 0) return false;
+      mappings = n;
+      counted = now;
+    }
+    if (static_cast<double>(mappings + cost) > budget) return false;
+    mappings += cost;
+    return true;
+  }
 
   Allocation* Find(uint32_t id) {
     auto it = allocs.find(id);
@@ -451,23 +474,6 @@ class Arena : public Napi::ObjectWrap<Arena> {
     return true;
   }
 
-  // Throws ERR_PAGEMERGE_MAP_BUDGET, changing nothing, when `cost` new mappings could pass `budget`.
-  bool CheckBudget(Napi::Env env, int64_t cost, double budget) {
-    if (cost == 0) return true;
-    int64_t now = CountMappings();
-    if (now < 0) {
-      ThrowErrno(env, static_cast<int>(-now), "read", "cannot count mappings in /proc/self/maps");
-      return false;
-    }
-    if (static_cast<double>(now + cost) > budget) {
-      ThrowPlain(env, code::MAP_BUDGET,
-                 "this call may add " + std::to_string(cost) + " mappings to the process's " + std::to_string(now) +
-                     ", above the mapping budget of " + std::to_string(static_cast<int64_t>(budget)) + "; nothing was changed");
-      return false;
-    }
-    return true;
-  }
-
   static bool ReadBudget(const Napi::CallbackInfo& info, size_t i, double* out) {
     if (!info[i].IsNumber() || !(info[i].As<Napi::Number>().DoubleValue() >= 0)) {
       ThrowType(info.Env(), code::INVALID_ARG, "budget must be a non-negative number of mappings");
@@ -491,13 +497,10 @@ class Arena : public Napi::ObjectWrap<Arena> {
     std::lock_guard<std::mutex> lock(core_->mu);
     ArenaCore& c = *core_;
     std::vector<Allocation*> alloc(ex.n);
-    int64_t cost = 0;
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 3;
       if (!CheckRange(env, i, r[0], r[1], r[2], &alloc[i])) return Napi::Value();
-      if (alloc[i]) cost += Cuts(*alloc[i], r[1], r[2]);
     }
-    if (!CheckBudget(env, cost, budget)) return Napi::Value();
     uint64_t done = 0;
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 3;
@@ -508,6 +511,10 @@ class Arena : public Napi::ObjectWrap<Arena> {
         continue;
       }
       uint64_t page = r[1], count = r[2], len = count * kPage;
+      if (!c.Fits(Cuts(*a, page, count), budget)) {
+        ex.status[i] = kBudget;
+        continue;
+      }
       uint8_t* dst = a->base + page * kPage;
       uint64_t target;
       bool copied = !AllState(*a, page, count, kShared);
@@ -554,7 +561,6 @@ class Arena : public Napi::ObjectWrap<Arena> {
     std::lock_guard<std::mutex> lock(core_->mu);
     ArenaCore& c = *core_;
     std::vector<Allocation*> alloc(ex.n);
-    int64_t cost = 0;
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 4;
       if (!CheckRange(env, i, r[0], r[1], r[3], &alloc[i])) return Napi::Value();
@@ -562,9 +568,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
         return ThrowRange(env, code::NOT_POOL_PAGE,
                           "extent " + std::to_string(i) + " names pool pages " + std::to_string(r[2]) + "+" +
                               std::to_string(r[3]) + ", which are not all live pool pages");
-      if (alloc[i]) cost += Cuts(*alloc[i], r[1], r[3]);
     }
-    if (!CheckBudget(env, cost, budget)) return Napi::Value();
     uint64_t done = 0;
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 4;
@@ -572,6 +576,10 @@ class Arena : public Napi::ObjectWrap<Arena> {
       uint64_t page = r[1], poolPage = r[2], count = r[3], len = count * kPage;
       if (!a || !c.PoolLive(poolPage, count)) {  // an earlier extent of this call may have released them
         ex.status[i] = kGone;
+        continue;
+      }
+      if (!c.Fits(Cuts(*a, page, count), budget)) {
+        ex.status[i] = kBudget;
         continue;
       }
       uint8_t* dst = a->base + page * kPage;
@@ -601,13 +609,10 @@ class Arena : public Napi::ObjectWrap<Arena> {
     std::lock_guard<std::mutex> lock(core_->mu);
     ArenaCore& c = *core_;
     std::vector<Allocation*> alloc(ex.n);
-    int64_t cost = 0;
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 3;
       if (!CheckRange(env, i, r[0], r[1], r[2], &alloc[i])) return Napi::Value();
-      if (alloc[i] && !AllState(*alloc[i], r[1], r[2], kAnon)) cost += Cuts(*alloc[i], r[1], r[2]);
     }
-    if (!CheckBudget(env, cost, budget)) return Napi::Value();
     uint64_t done = 0;
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 3;
@@ -626,7 +631,12 @@ class Arena : public Napi::ObjectWrap<Arena> {
       }
       // Private anonymous memory drops its pages in place; anything file-backed would show the
       // file's bytes again (or keep them), so it is replaced by fresh anonymous memory instead.
-      int rc = AllState(*a, page, count, kAnon)
+      bool anon = AllState(*a, page, count, kAnon);
+      if (!anon && !c.Fits(Cuts(*a, page, count), budget)) {
+        ex.status[i] = kBudget;
+        continue;
+      }
+      int rc = anon
                    ? madvise(dst, len, MADV_DONTNEED)
                    : (mmap(dst, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED ? -1 : 0);
       if (rc != 0) {
@@ -649,13 +659,10 @@ class Arena : public Napi::ObjectWrap<Arena> {
     if (!ReadExtents(info, 3, true, &ex) || !ReadBudget(info, 2, &budget)) return Napi::Value();
     std::lock_guard<std::mutex> lock(core_->mu);
     std::vector<Allocation*> alloc(ex.n);
-    int64_t cost = 0;
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 3;
       if (!CheckRange(env, i, r[0], r[1], r[2], &alloc[i])) return Napi::Value();
-      if (alloc[i] && !AllState(*alloc[i], r[1], r[2], kAnon)) cost += Cuts(*alloc[i], r[1], r[2]) + 1;
     }
-    if (!CheckBudget(env, cost, budget)) return Napi::Value();
     uint64_t done = 0;
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 3;
@@ -673,6 +680,10 @@ class Arena : public Napi::ObjectWrap<Arena> {
         }
         uint64_t stop = run;
         while (stop < end && a->state[stop] != kAnon) stop++;
+        if (!core_->Fits(Cuts(*a, run, stop - run) + 1, budget)) {  // +1: the copy's mapping, until it moves
+          ex.status[i] = kBudget;
+          break;
+        }
         if (int err = MakeAnonymous(*a, run, stop - run)) {
           ex.status[i] = -err;
           break;
@@ -703,12 +714,20 @@ class Arena : public Napi::ObjectWrap<Arena> {
     return 0;
   }
 
-  // reapWritten(extents [id, page, count]) -> pages found written since they were merged. Their
+  // reapWritten(extents [id, page, count], counts?: Int32Array) -> pages found written since they
+  // were merged (per extent in counts). Their
   // copy-on-write copies no longer use the pool page, so its mapping count drops (pagemap says so).
   Napi::Value ReapWritten(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     Extents ex;
     if (!ReadExtents(info, 3, false, &ex)) return Napi::Value();
+    int32_t* counts = nullptr;
+    if (info.Length() > 1 && !info[1].IsUndefined()) {
+      Bytes b;
+      if (GetBytes(info[1], &b) != ViewKind::kInt32 || b.length / 4 < ex.n)
+        return ThrowType(env, code::INVALID_ARG, "counts must be an Int32Array with one entry per extent");
+      counts = reinterpret_cast<int32_t*>(b.data);
+    }
     std::lock_guard<std::mutex> lock(core_->mu);
     ArenaCore& c = *core_;
     std::vector<Allocation*> alloc(ex.n);
@@ -723,6 +742,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 3;
       Allocation* a = alloc[i];
+      if (counts) counts[i] = 0;
       if (!a) continue;
       uint64_t page = r[1], count = r[2];
       entries.assign(count, 0);
@@ -738,6 +758,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
         if (a->state[page + k] == kMerged && ((present && !file) || swapped)) {
           c.Retarget(*a, page + k, 1, kNoPool, kWritten);
           reaped++;
+          if (counts) counts[i]++;
         }
       }
     }

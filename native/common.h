@@ -17,6 +17,7 @@ enum Status : int32_t {
   kOk = 0,
   kMismatch = 1,  // bytes differed right before the remap: extent left alone
   kGone = 2,      // the allocation was collected, or a pool page it named was released
+  kBudget = 3,    // could take the process's mappings above the budget: extent left alone
 };
 
 // What a page of an allocation is mapped to right now (one byte per page).
@@ -34,7 +35,6 @@ enum PageState : uint8_t {
   X(MISALIGNED, "ERR_PAGEMERGE_MISALIGNED") \
   X(FOREIGN_BUFFER, "ERR_PAGEMERGE_FOREIGN_BUFFER") \
   X(NOT_POOL_PAGE, "ERR_PAGEMERGE_NOT_POOL_PAGE") \
-  X(MAP_BUDGET, "ERR_PAGEMERGE_MAP_BUDGET") \
   X(ARENA_FULL, "ERR_PAGEMERGE_ARENA_FULL")
 
 namespace code {
