@@ -7,6 +7,7 @@
         "native/arena.cc",
         "native/pages.cc",
         "native/procfs.cc",
+        "native/registry.cc",
         "native/v8_buffers.cc"
       ],
       "include_dirs": [

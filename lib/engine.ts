@@ -122,6 +122,8 @@ export class Engine {
   /** Ends the background scanner's sleep early: its timer is unref'd, so stop() must not wait on it. */
   private wake: (() => void) | undefined
   private running = false
+  /** The error that stopped background scanning, for stop() to report. */
+  private failure: unknown
   private closed = false
   private readonly zero: { lo: number; hi: number }
   private candidates = new Int32Array(new SharedArrayBuffer(4 * MERGE_NOW_BATCH))
@@ -335,7 +337,13 @@ export class Engine {
     this.assertOpen()
     if (this.running) return
     this.running = true
-    this.background = (async () => {
+    // A stop() that was not awaited lets its loop finish first: never two loops at once.
+    this.background = (this.background ?? Promise.resolve()).then(() => this.scanInBackground())
+  }
+
+  /** Background scanning: a batch, then a sleep, until stop(). An error stops it; stop() rethrows it. */
+  private async scanInBackground(): Promise<void> {
+    try {
       while (this.running) {
         await this.exclusive(async () => {
           if (!this.running) return
@@ -348,14 +356,21 @@ export class Engine {
         })
         this.wake = undefined
       }
-    })()
+    } catch (err) {
+      this.running = false
+      this.failure = err
+    }
   }
 
+  /** Stops background scanning after its current batch; rejects with the error that stopped it, if one did. */
   async stop(): Promise<void> {
     this.running = false
     this.wake?.()
     await this.background
     this.background = undefined
+    const failure = this.failure
+    this.failure = undefined
+    if (failure) throw failure
   }
 
   get isRunning(): boolean {
@@ -383,9 +398,11 @@ export class Engine {
       this.plan = new Uint8Array(max)
       this.planNode = new Int32Array(max)
     }
-    // Collect shards from the cursor, holding each buffer strongly for the batch's duration.
+    // Collect shards from the cursor, holding each buffer strongly for the batch's duration
+    // (workers get addresses, not buffers, so that nothing but this batch keeps memory alive).
     const shards: Shard[] = []
     const held: Region[] = []
+    const buffers: SharedArrayBuffer[] = []
     let taken = 0
     let wrapped = false
     while (taken < max) {
@@ -398,8 +415,9 @@ export class Engine {
       const buffer = r.ref.deref()
       const count = Math.min(max - taken, r.pages - this.cursor.page)
       if (buffer && count > 0) {
-        shards.push({ buffer, firstPage: this.cursor.page, count, slot: r.slot + this.cursor.page, batchIndex: taken, domain: this.effectiveDomain(r) })
+        shards.push({ address: this.native.addressOf(buffer), firstPage: this.cursor.page, count, slot: r.slot + this.cursor.page, batchIndex: taken, domain: this.effectiveDomain(r) })
         held.push(r)
+        buffers.push(buffer)
         taken += count
       }
       this.cursor.page += count
@@ -410,33 +428,43 @@ export class Engine {
       wrapped = true
     }
     if (shards.length === 0) return wrapped
-    this.reap(shards, held)
+    this.survey(shards, held, buffers)
     await this.hash(shards, taken)
     this.process(shards, held, mergeNow)
     return wrapped
   }
 
-  /** Merged pages written since: their stable page loses a sharer (pagemap tells, not hashing). */
-  private reap(shards: Shard[], held: Region[]): void {
+  /**
+   * Before hashing, asks the kernel (pagemap, which reads no page) what changed under pages that
+   * are not hashed: merged pages written since lose their stable page's count, and dropped zero
+   * pages that are present again (read or written) are marked TOUCHED to be looked at. A
+   * dropped page that nobody touched is not read: on kernels that give a read fault a fresh page
+   * instead of the shared zero page, reading it would allocate the memory we gave back.
+   */
+  private survey(shards: Shard[], held: Region[], buffers: SharedArrayBuffer[]): void {
     const { flags, stableNode } = this.pages
-    const which: number[] = [] // shards holding merged pages
+    const merged: number[] = [] // shards holding merged pages
     shards.forEach((sh, i) => {
-      for (let s = sh.slot; s < sh.slot + sh.count; s++)
-        if (flags[s]! & Flag.MERGED) {
-          which.push(i)
-          return
-        }
+      let any = 0
+      for (let s = sh.slot; s < sh.slot + sh.count; s++) any |= flags[s]!
+      if (any & Flag.MERGED) merged.push(i)
+      if (any & Flag.ZERO) {
+        const entries = new BigUint64Array(sh.count)
+        this.native.pagemap(buffers[i]!, sh.firstPage, sh.count, entries)
+        for (let k = 0; k < sh.count; k++)
+          if (flags[sh.slot + k]! & Flag.ZERO && entries[k]! >> 62n !== 0n) flags[sh.slot + k] = flags[sh.slot + k]! | Flag.TOUCHED
+      }
     })
-    if (which.length === 0) return
-    const extents = new Uint32Array(which.length * 3)
-    which.forEach((i, j) => extents.set([held[i]!.id, shards[i]!.firstPage, shards[i]!.count], j * 3))
-    const counts = new Int32Array(which.length)
+    if (merged.length === 0) return
+    const extents = new Uint32Array(merged.length * 3)
+    merged.forEach((i, j) => extents.set([held[i]!.id, shards[i]!.firstPage, shards[i]!.count], j * 3))
+    const counts = new Int32Array(merged.length)
     if (this.arena.reapWritten(extents, counts) === 0) return
-    which.forEach((i, j) => {
+    merged.forEach((i, j) => {
       const sh = shards[i]!
       if (counts[j] === 0) return
       const states = new Uint8Array(sh.count), pools = new Uint32Array(sh.count)
-      this.arena.pageStates(sh.buffer, sh.firstPage, sh.count, states, pools)
+      this.arena.pageStates(buffers[i]!, sh.firstPage, sh.count, states, pools)
       for (let k = 0; k < sh.count; k++) {
         const s = sh.slot + k
         if (flags[s]! & Flag.MERGED && states[k] === PageState.WRITTEN) {
@@ -501,8 +529,8 @@ export class Engine {
         const lo = words[2 * s]!, hi = words[2 * s + 1]!
         const isZero = lo === zero.lo && hi === zero.hi
         if (f & Flag.ZERO) {
-          if (isZero) continue
-          flags[s] = f & ~Flag.ZERO // written since it was dropped
+          if (!(f & Flag.TOUCHED)) continue // still given back: not read, not hashed
+          flags[s] = f & ~(Flag.ZERO | Flag.TOUCHED) // read or written since: a page like any other
           this.c.zeroPages--
         }
         if (isZero && useZero) {

@@ -19,11 +19,14 @@ export const Flag = {
   NEW: 32,
   /** The page is the owner of a stable page planned in this batch (its pool page is not made yet). */
   PENDING: 64,
+  /** A dropped zero page that is present again (read or written since): to be hashed. */
+  TOUCHED: 128,
 } as const
 
 /** A run of pages of one registered buffer, and where its per-page state lives. */
 export interface Shard {
-  buffer: SharedArrayBuffer
+  /** Where the buffer is mapped: workers hash by address so as not to keep buffers alive. */
+  address: bigint
   firstPage: number
   count: number
   /** First slot of this run in the page arrays. */
@@ -52,7 +55,7 @@ export interface HashTask {
 }
 
 export interface HashResult {
-  /** Pages hashed (merged pages are skipped: their bytes live in the pool). */
+  /** Pages hashed (merged pages and untouched dropped zero pages are skipped). */
   hashed: number
 }
 

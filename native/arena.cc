@@ -27,12 +27,20 @@
 #include "common.h"
 #include "pages.h"
 #include "procfs.h"
+#include "registry.h"
 #include "v8_buffers.h"
 
 namespace pm {
 namespace {
 
-constexpr uint64_t kDefaultReserveBytes = 1ull << 42;  // 4 TiB of file offsets: sparse, costs only address space
+// Address space (and file offsets) an arena reserves unless told: twice the machine's memory,
+// between 64 GiB and 1 TiB. It costs no memory, but a process has 128 TiB of addresses in all.
+uint64_t DefaultReserveBytes() {
+  uint64_t ram = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * kPage;
+  uint64_t want = 1ull << 36;
+  while (want < 2 * ram && want < (1ull << 40)) want <<= 1;
+  return want;
+}
 constexpr uint32_t kRefChunk = 512;                     // pool refcounts are kept per 2 MiB of arena
 constexpr double kMaxSafe = 9007199254740991.0;
 
@@ -285,6 +293,7 @@ void Collect(void* /*data*/, size_t /*length*/, void* deleterData) {
   auto it = core.allocs.find(owner->id);
   if (it == core.allocs.end()) return;
   Allocation& a = *it->second;
+  RegistryRemove(a.base);  // waits for any worker still hashing these pages
   // Give the pages back but keep the addresses reserved, so that only this arena maps there again.
   void* p = mmap(a.base, a.pages * kPage, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
   core.Retarget(a, 0, a.pages, kNoPool, kAnon);
@@ -353,7 +362,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
 
   explicit Arena(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Arena>(info) {
     Napi::Env env = info.Env();
-    uint64_t reserve = kDefaultReserveBytes;
+    uint64_t reserve = DefaultReserveBytes();
     if (info.Length() > 0 && !info[0].IsUndefined() && !ArgIndex(info, 0, "reserveBytes", kMaxSafe, &reserve)) return;
     reserve = (reserve + kPage - 1) / kPage * kPage;
     if (reserve == 0 || reserve / kPage > kNoPool) {
@@ -431,6 +440,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
       c.byBase[reinterpret_cast<uintptr_t>(a->base)] = a->id;
       c.trackedPages += pages;
       base = a->base;
+      RegistryAdd(base, length);
       c.allocs.emplace(a->id, std::move(a));
     }
     // Outside the lock: creating the SharedArrayBuffer may run a GC, whose deleters take the lock.

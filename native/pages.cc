@@ -6,6 +6,7 @@
 
 #include "common.h"
 #include "pages.h"
+#include "registry.h"
 #include "v8_buffers.h"
 
 namespace pm {
@@ -119,11 +120,38 @@ Napi::Value ComparePages(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), c < 0 ? -1 : c > 0 ? 1 : 0);
 }
 
+// hashAt(address: bigint, firstPage, count, out: BigUint64Array, outIndex) -> count. Hashes pages
+// of a live arena allocation by address (as worker threads do, so as not to keep buffers alive).
+Napi::Value HashAt(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  bool lossless;
+  if (!info[0].IsBigInt()) return ThrowType(env, code::INVALID_ARG, "address must be a bigint");
+  uint64_t address = info[0].As<Napi::BigInt>().Uint64Value(&lossless);
+  uint64_t first, count, outIndex;
+  if (!ArgIndex(info, 1, "firstPage", 9007199254740991.0, &first)) return Napi::Value();
+  if (!ArgIndex(info, 2, "count", 9007199254740991.0, &count)) return Napi::Value();
+  if (!ArgIndex(info, 4, "outIndex", 9007199254740991.0, &outIndex)) return Napi::Value();
+  Bytes out;
+  if (GetBytes(info[3], &out) != ViewKind::kBigUint64)
+    return ThrowType(env, code::INVALID_ARG, "out must be a BigUint64Array");
+  if (outIndex > out.length / 8 || count > out.length / 8 - outIndex)
+    return ThrowRange(env, code::OUT_OF_RANGE, "out is too short for count hashes at outIndex");
+  if (!lossless || address % kPage || first > (UINT64_MAX - address) / kPage)
+    return ThrowRange(env, code::MISALIGNED, "address must be a page-aligned address");
+  uint64_t* h = reinterpret_cast<uint64_t*>(out.data) + outIndex;
+  bool ok = WithRegistered(static_cast<uintptr_t>(address + first * kPage), count * kPage, [&](const uint8_t* p) {
+    for (uint64_t i = 0; i < count; i++) h[i] = HashPage(p + i * kPage);
+  });
+  if (!ok) return ThrowType(env, code::FOREIGN_BUFFER, "the pages are not in a live pagemerge allocation");
+  return Napi::Number::New(env, static_cast<double>(count));
+}
+
 }  // namespace
 
 void InitPages(Napi::Env env, Napi::Object exports) {
   exports.Set("hashPages", Napi::Function::New(env, HashPages, "hashPages"));
   exports.Set("comparePages", Napi::Function::New(env, ComparePages, "comparePages"));
+  exports.Set("hashAt", Napi::Function::New(env, HashAt, "hashAt"));
   static const uint8_t zero[kPage] = {};
   exports.Set("ZERO_PAGE_HASH", Napi::BigInt::New(env, HashPage(zero)));
 }

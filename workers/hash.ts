@@ -5,6 +5,8 @@ import { Flag, probeStart, type HashResult, type HashTask } from '../lib/protoco
 
 const native = loadNative()
 
+const skip = (f: number) => (f & Flag.MERGED) !== 0 || (f & (Flag.ZERO | Flag.TOUCHED)) === Flag.ZERO
+
 export default function hash(task: HashTask): HashResult {
   const hashes = new BigUint64Array(task.hashes)
   const words = new Uint32Array(task.hashes)
@@ -19,16 +21,17 @@ export default function hash(task: HashTask): HashResult {
   for (const shard of task.shards) {
     let i = 0
     while (i < shard.count) {
-      // each maximal run of pages that are not merged: merged pages' bytes are the pool's
-      if (flags[shard.slot + i]! & Flag.MERGED) {
+      // each maximal run of pages to hash: not merged (their bytes are the pool's), and not dropped
+      // zero pages that nobody touched (reading those could allocate them again)
+      if (skip(flags[shard.slot + i]!)) {
         candidates[shard.batchIndex + i] = -1
         i++
         continue
       }
       let end = i
-      while (end < shard.count && !(flags[shard.slot + end]! & Flag.MERGED)) end++
+      while (end < shard.count && !skip(flags[shard.slot + end]!)) end++
       const old = words.slice(2 * (shard.slot + i), 2 * (shard.slot + end))
-      native.hashPages(shard.buffer, shard.firstPage + i, end - i, hashes, shard.slot + i)
+      native.hashAt(shard.address, shard.firstPage + i, end - i, hashes, shard.slot + i)
       hashed += end - i
       for (let k = i; k < end; k++) {
         const s = shard.slot + k
