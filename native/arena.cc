@@ -109,12 +109,14 @@ struct Allocation {
   uint32_t id = 0;
   uint8_t* base = nullptr;
   uint64_t pages = 0;
-  int64_t own = -1;  // first arena page of its shared window; -1 for private anonymous memory
+  int64_t own = -1;  // first arena page of its address range (and, for shared kind, of its file window)
   std::vector<uint8_t> state;
   std::vector<uint32_t> pool;
 };
 
 constexpr size_t kBounce = 256 * 1024;
+
+struct Owner;
 
 struct ArenaCore {
   std::mutex mu;
@@ -132,6 +134,8 @@ struct ArenaCore {
   std::unordered_map<uint32_t, std::unique_ptr<Allocation>> allocs;
   std::unordered_map<uintptr_t, uint32_t> byBase;
   RefTable refs;
+  std::mutex deferredMu;
+  std::vector<Owner*> deferred;  // buffers freed by a GC that ran inside a call on this arena
   std::unique_ptr<uint8_t[]> bounce{new uint8_t[kBounce]};  // pool bytes read back for comparison
   int64_t mappings = -1;                                     // estimate of the process's mappings
   std::chrono::steady_clock::time_point counted;
@@ -245,7 +249,12 @@ struct ArenaCore {
     return 0;
   }
 
-  bool Matches(const uint8_t* bytes, uint64_t poolFirst, uint64_t count) { return ComparePool(bytes, poolFirst, count) == 0; }
+  // kOk when the bytes equal the pool pages, kMismatch when not, -errno when the file cannot be read.
+  int32_t Verify(const uint8_t* bytes, uint64_t poolFirst, uint64_t count) {
+    errno = 0;
+    int c = ComparePool(bytes, poolFirst, count);
+    return c == 0 ? kOk : c != -2 ? kMismatch : -(errno ? errno : EIO);
+  }
 
   // Whether `cost` more mappings fit under `budget`; if so they are counted as taken. The
   // process's mappings are counted again (reading /proc/self/maps costs ~1 µs per mapping) only
@@ -285,12 +294,55 @@ struct Owner {
   uint32_t id;
 };
 
+void CollectLocked(ArenaCore& core, uint32_t id);
+
+// The arena this thread holds locked, if any. A call that holds the lock may still allocate a
+// JavaScript object (an error), which may run a GC, which may free one of this arena's buffers
+// on this very thread: that deleter must not wait for the lock its own thread holds.
+thread_local ArenaCore* tlHeld = nullptr;
+
+// Locks an arena for one call; on unlocking, collects what the GC freed meanwhile.
+class ArenaLock {
+ public:
+  explicit ArenaLock(ArenaCore& core) : core_(core) {
+    core_.mu.lock();
+    tlHeld = &core_;
+  }
+  ~ArenaLock() {
+    tlHeld = nullptr;
+    core_.mu.unlock();
+    for (;;) {
+      std::unique_ptr<Owner> next;
+      {
+        std::lock_guard<std::mutex> g(core_.deferredMu);
+        if (core_.deferred.empty()) return;
+        next.reset(core_.deferred.back());
+        core_.deferred.pop_back();
+      }
+      std::lock_guard<std::mutex> lock(core_.mu);
+      CollectLocked(core_, next->id);
+    }
+  }
+
+ private:
+  ArenaCore& core_;
+};
+
 // V8 frees the backing store (on any thread) once no SharedArrayBuffer refers to it.
 void Collect(void* /*data*/, size_t /*length*/, void* deleterData) {
   std::unique_ptr<Owner> owner(static_cast<Owner*>(deleterData));
   ArenaCore& core = *owner->core;
+  if (tlHeld == &core) {  // this thread is inside a call on this arena: collect when it unlocks
+    std::lock_guard<std::mutex> g(core.deferredMu);
+    core.deferred.push_back(owner.release());
+    return;
+  }
   std::lock_guard<std::mutex> lock(core.mu);
-  auto it = core.allocs.find(owner->id);
+  CollectLocked(core, owner->id);
+}
+
+void CollectLocked(ArenaCore& core, uint32_t id) {
+  auto it = core.allocs.find(id);
   if (it == core.allocs.end()) return;
   Allocation& a = *it->second;
   RegistryRemove(a.base);  // waits for any worker still hashing these pages
@@ -330,10 +382,9 @@ bool ReadExtents(const Napi::CallbackInfo& info, size_t stride, bool withStatus,
   return true;
 }
 
-// Worst-case number of new mappings when [first, first+count) of `a` is replaced: one per cut.
-int64_t Cuts(const Allocation& a, uint64_t first, uint64_t count) {
-  return (first > 0 ? 1 : 0) + (first + count < a.pages ? 1 : 0);
-}
+// Worst-case number of new mappings when pages of an allocation are replaced: neighbouring
+// allocations can share the extent's mapping, so any extent may cut one mapping into three.
+constexpr int64_t kCuts = 2;
 
 bool AllState(const Allocation& a, uint64_t first, uint64_t count, uint8_t st) {
   for (uint64_t k = 0; k < count; k++)
@@ -415,7 +466,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     uint8_t* base;
     uint64_t length = pages * kPage;
     {
-      std::lock_guard<std::mutex> lock(core_->mu);
+      ArenaLock lock(*core_);
       ArenaCore& c = *core_;
       uint64_t start;
       if (!c.TakeRange(pages, &start))
@@ -465,7 +516,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
   }
 
   Napi::Value IdOf(const Napi::CallbackInfo& info) {
-    std::lock_guard<std::mutex> lock(core_->mu);
+    ArenaLock lock(*core_);
     Allocation* a;
     if (!Resolve(info, 0, &a)) return Napi::Value();
     return Napi::Number::New(info.Env(), a->id);
@@ -504,7 +555,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     if (GetBytes(info[3], &outPool) != ViewKind::kUint32 || outPool.length / 4 < ex.n)
       return ThrowType(env, code::INVALID_ARG, "outPool must be a Uint32Array with one entry per extent");
     uint32_t* poolOut = reinterpret_cast<uint32_t*>(outPool.data);
-    std::lock_guard<std::mutex> lock(core_->mu);
+    ArenaLock lock(*core_);
     ArenaCore& c = *core_;
     std::vector<Allocation*> alloc(ex.n);
     for (size_t i = 0; i < ex.n; i++) {
@@ -521,7 +572,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
         continue;
       }
       uint64_t page = r[1], count = r[2], len = count * kPage;
-      if (!c.Fits(Cuts(*a, page, count), budget)) {
+      if (!c.Fits(kCuts, budget)) {
         ex.status[i] = kBudget;
         continue;
       }
@@ -536,7 +587,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
           continue;
         }
         int err = WriteAll(c.fd, dst, len, target * kPage);
-        int32_t failed = err ? -err : c.Matches(dst, target, count) ? kOk : kMismatch;  // mismatch: written while we copied
+        int32_t failed = err ? -err : c.Verify(dst, target, count);  // a mismatch: written while we copied
         if (failed != kOk) {
           PunchRun(target, count);
           c.GiveRange(target, count);
@@ -568,7 +619,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     Extents ex;
     double budget;
     if (!ReadExtents(info, 4, true, &ex) || !ReadBudget(info, 2, &budget)) return Napi::Value();
-    std::lock_guard<std::mutex> lock(core_->mu);
+    ArenaLock lock(*core_);
     ArenaCore& c = *core_;
     std::vector<Allocation*> alloc(ex.n);
     for (size_t i = 0; i < ex.n; i++) {
@@ -588,13 +639,13 @@ class Arena : public Napi::ObjectWrap<Arena> {
         ex.status[i] = kGone;
         continue;
       }
-      if (!c.Fits(Cuts(*a, page, count), budget)) {
+      if (!c.Fits(kCuts, budget)) {
         ex.status[i] = kBudget;
         continue;
       }
       uint8_t* dst = a->base + page * kPage;
-      if (!c.Matches(dst, poolPage, count)) {
-        ex.status[i] = kMismatch;
+      if (int32_t v = c.Verify(dst, poolPage, count); v != kOk) {
+        ex.status[i] = v;
         continue;
       }
       void* p = mmap(dst, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, c.fd, static_cast<off_t>(poolPage * kPage));
@@ -616,7 +667,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     Extents ex;
     double budget;
     if (!ReadExtents(info, 3, true, &ex) || !ReadBudget(info, 2, &budget)) return Napi::Value();
-    std::lock_guard<std::mutex> lock(core_->mu);
+    ArenaLock lock(*core_);
     ArenaCore& c = *core_;
     std::vector<Allocation*> alloc(ex.n);
     for (size_t i = 0; i < ex.n; i++) {
@@ -642,7 +693,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
       // Private anonymous memory drops its pages in place; anything file-backed would show the
       // file's bytes again (or keep them), so it is replaced by fresh anonymous memory instead.
       bool anon = AllState(*a, page, count, kAnon);
-      if (!anon && !c.Fits(Cuts(*a, page, count), budget)) {
+      if (!anon && !c.Fits(kCuts, budget)) {
         ex.status[i] = kBudget;
         continue;
       }
@@ -667,7 +718,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     Extents ex;
     double budget;
     if (!ReadExtents(info, 3, true, &ex) || !ReadBudget(info, 2, &budget)) return Napi::Value();
-    std::lock_guard<std::mutex> lock(core_->mu);
+    ArenaLock lock(*core_);
     std::vector<Allocation*> alloc(ex.n);
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 3;
@@ -690,7 +741,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
         }
         uint64_t stop = run;
         while (stop < end && a->state[stop] != kAnon) stop++;
-        if (!core_->Fits(Cuts(*a, run, stop - run) + 1, budget)) {  // +1: the copy's mapping, until it moves
+        if (!core_->Fits(kCuts + 1, budget)) {  // +1: the copy's mapping, until it moves
           ex.status[i] = kBudget;
           break;
         }
@@ -738,7 +789,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
         return ThrowType(env, code::INVALID_ARG, "counts must be an Int32Array with one entry per extent");
       counts = reinterpret_cast<int32_t*>(b.data);
     }
-    std::lock_guard<std::mutex> lock(core_->mu);
+    ArenaLock lock(*core_);
     ArenaCore& c = *core_;
     std::vector<Allocation*> alloc(ex.n);
     for (size_t i = 0; i < ex.n; i++) {
@@ -784,7 +835,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     if (info.Length() > 3 && !info[3].IsUndefined() && !ArgIndex(info, 3, "count", kMaxSafe, &count)) return Napi::Value();
     const uint8_t* p;
     if (!PageRange(info, 0, "buffer", page, count, &p)) return Napi::Value();
-    std::lock_guard<std::mutex> lock(core_->mu);
+    ArenaLock lock(*core_);
     if (!core_->PoolLive(poolPage, count))
       return ThrowRange(env, code::NOT_POOL_PAGE, "pool pages " + std::to_string(poolPage) + "+" + std::to_string(count) + " are not all live");
     int r = core_->ComparePool(p, poolPage, count);
@@ -802,7 +853,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
       return ThrowType(env, code::INVALID_ARG, "outState must be a Uint8Array of at least count entries");
     if (GetBytes(info[4], &pl) != ViewKind::kUint32 || pl.length / 4 < count)
       return ThrowType(env, code::INVALID_ARG, "outPool must be a Uint32Array of at least count entries");
-    std::lock_guard<std::mutex> lock(core_->mu);
+    ArenaLock lock(*core_);
     Allocation* a;
     if (!Resolve(info, 0, &a)) return Napi::Value();
     if (first > a->pages || count > a->pages - first)
@@ -820,7 +871,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     Bytes out;
     if (GetBytes(info[2], &out) != ViewKind::kUint32 || out.length / 4 < count)
       return ThrowType(env, code::INVALID_ARG, "out must be a Uint32Array of at least count entries");
-    std::lock_guard<std::mutex> lock(core_->mu);
+    ArenaLock lock(*core_);
     uint32_t* o = reinterpret_cast<uint32_t*>(out.data);
     for (uint64_t k = 0; k < count; k++) o[k] = core_->refs.Get(static_cast<uint32_t>(first + k));
     return Napi::Number::New(env, static_cast<double>(count));
@@ -831,7 +882,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     struct stat sb;
     uint64_t allocations, tracked, poolPages, poolMappings, punchFailures, metadata, reserve, used;
     {
-      std::lock_guard<std::mutex> lock(core_->mu);
+      ArenaLock lock(*core_);
       ArenaCore& c = *core_;
       if (fstat(c.fd, &sb) != 0) return ThrowErrno(env, errno, "fstat", "cannot stat the page arena");
       allocations = c.allocs.size();

@@ -188,8 +188,23 @@ t.test('a merge that would pass the mapping budget is refused, nothing changed',
   arena.pageStates(b, 0, 256, states, pools)
   t.ok(states.every((s) => s === PageState.SHARED), 'no page was remapped')
   t.equal(digest(b), db)
-  t.equal(arena.merge(new Uint32Array([arena.idOf(b), 0, pool[0]!, 256]), status, native.mappingCount()), 256, 'a whole-buffer extent costs no mapping')
+  t.equal(arena.merge(new Uint32Array([arena.idOf(b), 10, pool[0]! + 10, 5]), status, native.mappingCount() + 2), 5, 'with room for two more mappings it goes ahead')
   t.equal(status[0], Status.OK)
+  t.ok(native.mappingCount() <= budget + 1, 'and stays within that budget')
+})
+
+t.test('neighbouring buffers share mappings, and the budget still holds', async (t) => {
+  const arena = new native.Arena()
+  const bufs = Array.from({ length: 1000 }, (_, i) => fillRandom(new Uint8Array(arena.alloc(8192, true)), 100 + i))
+  const budget = native.mappingCount() + 10
+  // every other buffer: each remapped one cuts the shared mapping of its neighbours (two more mappings)
+  const extents = new Uint32Array(bufs.flatMap((b, i) => (i % 2 ? [] : [arena.idOf(b), 0, 2])))
+  const status = new Int32Array(500), pool = new Uint32Array(500)
+  const done = arena.stabilize(extents, status, budget, pool)
+  t.ok(native.mappingCount() <= budget, `${native.mappingCount()} mappings, budget ${budget}`)
+  t.ok(done > 0 && done < 1000, `${done / 2} buffers were remapped, the rest refused`)
+  t.equal(status.filter((s) => s === Status.BUDGET).length, 500 - done / 2, 'each refused one says BUDGET')
+  t.ok(bufs.every((b, i) => digest(b) === digest(fillRandom(new Uint8Array(8192), 100 + i))), 'bytes intact')
 })
 
 t.test('private anonymous buffers merge by copying into the pool', async (t) => {
