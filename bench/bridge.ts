@@ -1,0 +1,373 @@
+/**
+ * The native bridge against the machine's own limit, in one run: `npm run bench:bridge -- [--runs N] [--json] [--verbose]`.
+ *
+ * - the limit: one core reading 1 GiB (and 768 MiB) once;
+ * - batch hashing of 1 GiB on one thread;
+ * - merging two identical 512 MiB memfd windows (stabilize the first, merge the second onto it),
+ *   full byte verification included, and the remap/reclaim part derived from it;
+ * - dropping 768 MiB of written zero pages, for both kinds of buffer.
+ *
+ * Every measurement runs `--runs` times (default 3), interleaved so that each limit sample is
+ * taken near the samples it is compared with; the table shows medians. Buffers are freed between
+ * measurements (dropped, then collected), so at most about 2 GiB is allocated at any moment.
+ */
+import { cpus, loadavg, release, totalmem } from 'node:os'
+import { readFileSync } from 'node:fs'
+import { parseArgs } from 'node:util'
+import { defaultMapBudget } from '../lib/budget'
+import { loadNative, NativeArena, PAGE_SIZE, Status } from '../lib/native'
+import { smapsRollup } from '../lib/procfs'
+
+const native = loadNative()
+const MiB = 1024 * 1024
+const GiB = 1024 * MiB
+const GB = 1e9
+const HALF = 512 * MiB // each buffer of the merged pair, and each half of the limit buffer
+const ZERO = 768 * MiB // the zero-page workload
+const GOAL = {
+  hashGBps: 8, // batch hashing, one thread
+  mergeVsRead: 2.5, // merge of 2 x 512 MiB against reading 1 GiB once
+  remapMs: 60, // remap + reclaim of 2 x 512 MiB
+  zeroVsRead: 2, // dropping 768 MiB of zero pages against reading 768 MiB once
+}
+
+interface Options {
+  runs: number
+  json: boolean
+  verbose: boolean
+}
+
+function options(): Options {
+  const { values } = parseArgs({
+    options: { runs: { type: 'string', default: '3' }, json: { type: 'boolean', default: false }, verbose: { type: 'boolean', default: false }, help: { type: 'boolean', short: 'h' } },
+  })
+  if (values.help) {
+    console.log('usage: npm run bench:bridge -- [--runs N] [--json] [--verbose]')
+    process.exit(0)
+  }
+  const runs = Number(values.runs)
+  if (!Number.isInteger(runs) || runs < 1 || runs > 50) throw new RangeError('--runs must be an integer from 1 to 50')
+  return { runs, json: values.json === true, verbose: values.verbose === true }
+}
+
+/** Progress on stderr with --verbose: where the run's time goes (mostly page faults while filling). */
+let trace: (what: string) => void = () => {}
+
+/** The 1-minute load average when the bench started: above ~0.5 on 2 cores, something else was running. */
+let loadBefore = 0
+
+const gc = (globalThis as { gc?: () => void }).gc
+
+/** Drops what V8 can collect and waits until the arena has only `keep` allocations left. */
+async function collect(arena: NativeArena, keep: number): Promise<void> {
+  if (!gc) throw new Error('run with node --expose-gc (npm run bench:bridge does)')
+  for (let i = 0; i < 500 && arena.stats().allocations > keep; i++) {
+    gc()
+    await new Promise((r) => setTimeout(r, 10))
+  }
+  if (arena.stats().allocations > keep) throw new Error('buffers were not collected; refusing to allocate more')
+}
+
+/** Milliseconds `f` takes, by the monotonic clock. */
+function time(f: () => void): number {
+  const start = process.hrtime.bigint()
+  f()
+  return Number(process.hrtime.bigint() - start) / 1e6
+}
+
+/** Milliseconds of CPU (user + system, all threads) `f` takes: far below wall time means the machine was busy. */
+function cpuTime(f: () => void): number {
+  const start = process.cpuUsage()
+  f()
+  const d = process.cpuUsage(start)
+  return (d.user + d.system) / 1e3
+}
+
+/** Seeded xorshift32 words: the same seed gives the same bytes on every run and machine. */
+function fillRandom(bytes: Uint8Array, seed: number): void {
+  const words = new Uint32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength >>> 2)
+  let x = seed >>> 0 || 1
+  for (let i = 0; i < words.length; i++) {
+    x ^= x << 13
+    x ^= x >>> 17
+    x ^= x << 5
+    words[i] = x >>> 0
+  }
+}
+
+const pagesOf = (bytes: number) => bytes / PAGE_SIZE
+
+function hashAll(buf: Uint8Array): BigUint64Array {
+  const out = new BigUint64Array(pagesOf(buf.byteLength))
+  native.hashPages(buf, 0, out.length, out, 0)
+  return out
+}
+
+function sameHashes(a: BigUint64Array, b: BigUint64Array): boolean {
+  if (a.length !== b.length) return false
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false
+  return true
+}
+
+function check(what: string, done: number, want: number, status: Int32Array): void {
+  if (done !== want || status[0] !== Status.OK) throw new Error(`${what}: ${done} of ${want} pages, status ${status[0]}`)
+}
+
+/** Samples of one measurement; `median` is what the table and the goals use. */
+class Series {
+  readonly samples: number[] = []
+  push(v: number): void {
+    this.samples.push(v)
+  }
+  get median(): number {
+    const s = [...this.samples].sort((x, y) => x - y)
+    const mid = s.length >> 1
+    return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2
+  }
+}
+
+const series = () => new Series()
+const m = {
+  read1GiBMs: series(),
+  read768MiBMs: series(),
+  hash1GiBMs: series(),
+  mergeMs: series(),
+  mergeCpuMs: series(),
+  stabilizeMs: series(),
+  mergeCallMs: series(),
+  verifyMs: series(),
+  remapMs: series(),
+  refaultMs: series(),
+  mergePssBefore: series(),
+  mergePssAfter: series(),
+  mergeMapsBefore: series(),
+  mergeMapsAfter: series(),
+  mergeArenaBefore: series(),
+  mergeArenaAfter: series(),
+  zeroSharedMs: series(),
+  zeroSharedCpuMs: series(),
+  zeroSharedPssFreed: series(),
+  zeroSharedMapsDelta: series(),
+  zeroPrivateMs: series(),
+  zeroPrivateCpuMs: series(),
+  zeroPrivatePssFreed: series(),
+  zeroPrivateMapsDelta: series(),
+}
+
+/**
+ * The limit. `limit` is one shared-kind 1 GiB buffer whose halves hold the same seeded random
+ * bytes; comparing the halves with memcmp (`comparePages`) reads every byte of both, 1 GiB in all,
+ * from two distinct address ranges (nothing to short-circuit), writes nothing and maps nothing:
+ * a pure read pass. Comparing the first 384 MiB of each half reads 768 MiB the same way.
+ * One untimed pass first: after other buffers were mapped and unmapped, the first read of a
+ * range can pay for page-table work (seen on VMs with shadow paging), which is not read cost.
+ */
+function measureLimit(limit: Uint8Array, hashes: BigUint64Array): void {
+  const half = pagesOf(HALF)
+  let r = native.comparePages(limit, 0, limit, half, half)
+  m.read1GiBMs.push(time(() => (r = native.comparePages(limit, 0, limit, half, half))))
+  if (r !== 0) throw new Error('the halves of the limit buffer differ')
+  m.read768MiBMs.push(time(() => (r = native.comparePages(limit, 0, limit, half, pagesOf(ZERO / 2)))))
+  if (r !== 0) throw new Error('the halves of the limit buffer differ')
+  m.hash1GiBMs.push(time(() => native.hashPages(limit, 0, hashes.length, hashes, 0)))
+}
+
+/** Two identical 512 MiB memfd windows: stabilize the first as one extent, merge the second onto it. */
+function measureMerge(arena: NativeArena, seed: number): void {
+  const pages = pagesOf(HALF)
+  const a = new Uint8Array(arena.alloc(HALF, true))
+  const b = new Uint8Array(arena.alloc(HALF, true))
+  fillRandom(a, seed)
+  b.set(a)
+  trace('merge: filled')
+  const want = hashAll(a) // also the warm-up read of both buffers
+  if (!sameHashes(hashAll(b), want)) throw new Error('the copy differs')
+  trace('merge: hashed')
+  // The verification cost: the same bytes compared by the same memcmp, outside the bridge. The
+  // faster of two passes (the steady state, as for the limit); it leaves the larger share to remap + reclaim.
+  m.verifyMs.push(Math.min(time(() => native.comparePages(a, 0, b, 0, pages)), time(() => native.comparePages(a, 0, b, 0, pages))))
+  const budget = defaultMapBudget()
+  const status = new Int32Array(1)
+  const pool = new Uint32Array(1)
+  const pss = smapsRollup().Pss
+  const maps = native.mappingCount()
+  const arenaBytes = arena.stats().arenaBytes
+  let stabilized = 0, merged = 0, stab = 0, merge = 0
+  const cpu = cpuTime(() => {
+    stab = time(() => (stabilized = arena.stabilize(new Uint32Array([arena.idOf(a), 0, pages]), status, budget, pool)))
+    check('stabilize', stabilized, pages, status)
+    merge = time(() => (merged = arena.merge(new Uint32Array([arena.idOf(b), 0, pool[0]!, pages]), status, budget)))
+    check('merge', merged, pages, status)
+  })
+  m.mergeCpuMs.push(cpu)
+  m.mergeMapsAfter.push(native.mappingCount())
+  m.mergeMapsBefore.push(maps)
+  m.stabilizeMs.push(stab)
+  m.mergeCallMs.push(merge)
+  m.mergeMs.push(stab + merge)
+  m.remapMs.push(stab + merge - m.verifyMs.samples[m.verifyMs.samples.length - 1]!)
+  // Both buffers now map the pool through new mappings: read them (and check every page's hash)
+  // so that Pss counts what they use; this first read pays the faults the remap left behind.
+  let ha: BigUint64Array | undefined, hb: BigUint64Array | undefined
+  trace('merge: merged')
+  m.refaultMs.push(time(() => ((ha = hashAll(a)), (hb = hashAll(b)))))
+  trace('merge: read back')
+  if (!sameHashes(ha!, want) || !sameHashes(hb!, want)) throw new Error('bytes changed by merging')
+  m.mergePssBefore.push(pss)
+  m.mergePssAfter.push(smapsRollup().Pss)
+  m.mergeArenaBefore.push(arenaBytes)
+  m.mergeArenaAfter.push(arena.stats().arenaBytes)
+}
+
+/** 768 MiB of zero pages, every page really allocated (one byte written, then all zeroed). */
+function measureZero(arena: NativeArena, shared: boolean): void {
+  const pages = pagesOf(ZERO)
+  const z = new Uint8Array(arena.alloc(ZERO, shared))
+  for (let i = 0; i < z.length; i += PAGE_SIZE) z[i] = 1
+  z.fill(0)
+  trace(`zero ${shared ? 'shared' : 'private'}: filled`)
+  const status = new Int32Array(1)
+  const budget = defaultMapBudget()
+  const pss = smapsRollup().Pss
+  const maps = native.mappingCount()
+  let dropped = 0, ms = 0
+  const cpu = cpuTime(() => (ms = time(() => (dropped = arena.dropZero(new Uint32Array([arena.idOf(z), 0, pages]), status, budget)))))
+  check(`dropZero (${shared ? 'shared' : 'private'})`, dropped, pages, status)
+  const freed = pss - smapsRollup().Pss
+  const mapsDelta = native.mappingCount() - maps
+  trace(`zero ${shared ? 'shared' : 'private'}: dropped`)
+  // A sample (every 61st page): the first read of each dropped page is a fault, which would cost seconds here.
+  const h = new BigUint64Array(1)
+  for (let p = 0; p < pages; p += 61) {
+    native.hashPages(z, p, 1, h, 0)
+    if (h[0] !== native.ZERO_PAGE_HASH) throw new Error(`dropped page ${p} does not read as zeros`)
+  }
+  trace(`zero ${shared ? 'shared' : 'private'}: checked`)
+  if (shared) {
+    m.zeroSharedMs.push(ms)
+    m.zeroSharedCpuMs.push(cpu)
+    m.zeroSharedPssFreed.push(freed)
+    m.zeroSharedMapsDelta.push(mapsDelta)
+  } else {
+    m.zeroPrivateMs.push(ms)
+    m.zeroPrivateCpuMs.push(cpu)
+    m.zeroPrivatePssFreed.push(freed)
+    m.zeroPrivateMapsDelta.push(mapsDelta)
+  }
+}
+
+function machine() {
+  const thp = (f: string) => {
+    try {
+      return /\[(\w+)\]/.exec(readFileSync(`/sys/kernel/mm/transparent_hugepage/${f}`, 'utf8'))?.[1] ?? '?'
+    } catch {
+      return '?'
+    }
+  }
+  return {
+    cpu: cpus()[0]?.model ?? '?',
+    cpus: cpus().length,
+    memGiB: Math.round(totalmem() / GiB),
+    kernel: release(),
+    node: process.version,
+    thp: thp('enabled'),
+    shmemThp: thp('shmem_enabled'),
+    maxMapCount: native.maxMapCount(),
+  }
+}
+
+async function main(): Promise<void> {
+  const opts = options()
+  loadBefore = loadavg()[0]!
+  const started = process.hrtime.bigint()
+  if (opts.verbose) trace = (what) => console.error(`${(Number(process.hrtime.bigint() - started) / 1e9).toFixed(2)} s  ${what}`)
+  const arena = new native.Arena()
+  const limit = new Uint8Array(arena.alloc(2 * HALF, true))
+  fillRandom(limit.subarray(0, HALF), 1)
+  limit.copyWithin(HALF, 0, HALF)
+  const hashes = new BigUint64Array(pagesOf(limit.byteLength))
+  trace('limit: filled')
+  for (let run = 0; run < opts.runs; run++) {
+    measureLimit(limit, hashes)
+    trace('limit: measured')
+    measureMerge(arena, 100 + run)
+    await collect(arena, 1)
+    trace('merge: collected')
+    for (const shared of [true, false]) {
+      measureZero(arena, shared)
+      await collect(arena, 1)
+      trace(`zero ${shared ? 'shared' : 'private'}: collected`)
+    }
+  }
+  const seconds = Number(process.hrtime.bigint() - started) / 1e9
+  report(opts, seconds)
+}
+
+interface Row {
+  name: string
+  value: string
+  samples: string
+  goal?: string
+  pass?: boolean
+}
+
+function report(opts: Options, seconds: number): void {
+  const med = (s: Series) => s.median
+  const read1 = med(m.read1GiBMs), read768 = med(m.read768MiBMs)
+  const hashGBps = GiB / GB / (med(m.hash1GiBMs) / 1e3)
+  const merge = med(m.mergeMs), remap = med(m.remapMs)
+  const zs = med(m.zeroSharedMs), zp = med(m.zeroPrivateMs)
+  const goals = {
+    hash: { value: hashGBps, unit: 'GB/s', limit: GOAL.hashGBps, goal: `>= ${GOAL.hashGBps} GB/s`, pass: hashGBps >= GOAL.hashGBps },
+    merge: { value: merge, unit: 'ms', limit: GOAL.mergeVsRead * read1, goal: `<= ${GOAL.mergeVsRead} x read 1 GiB`, pass: merge <= GOAL.mergeVsRead * read1 },
+    remap: { value: remap, unit: 'ms', limit: GOAL.remapMs, goal: `<= ${GOAL.remapMs} ms`, pass: remap <= GOAL.remapMs },
+    zeroShared: { value: zs, unit: 'ms', limit: GOAL.zeroVsRead * read768, goal: `<= ${GOAL.zeroVsRead} x read 768 MiB`, pass: zs <= GOAL.zeroVsRead * read768 },
+    zeroPrivate: { value: zp, unit: 'ms', limit: GOAL.zeroVsRead * read768, goal: `<= ${GOAL.zeroVsRead} x read 768 MiB`, pass: zp <= GOAL.zeroVsRead * read768 },
+  }
+  if (opts.json) {
+    const samples = Object.fromEntries(Object.entries(m).map(([k, s]) => [k, { median: s.median, samples: s.samples }]))
+    console.log(JSON.stringify({ machine: machine(), loadAverage: { before: loadBefore, after: loadavg()[0] }, runs: opts.runs, seconds, measurements: samples, goals }, null, 2))
+    return
+  }
+  const ms = (v: number) => `${v.toFixed(1)} ms`
+  const mib = (v: number) => `${(v / MiB).toFixed(0)} MiB`
+  const list = (s: Series, f: (v: number) => string) => s.samples.map(f).join('  ')
+  const num = (v: number) => v.toFixed(1)
+  const ratio = (v: number, base: number) => ` (${(v / base).toFixed(2)} x)`
+  const rows: Row[] = [
+    { name: 'limit: read 1 GiB once (memcmp of 2 x 512 MiB)', value: ms(read1) + ` = ${(GiB / GB / (read1 / 1e3)).toFixed(1)} GB/s`, samples: list(m.read1GiBMs, num) },
+    { name: 'limit: read 768 MiB once (memcmp of 2 x 384 MiB)', value: ms(read768), samples: list(m.read768MiBMs, num) },
+    { name: 'hash 1 GiB, xxh3-64 per page, one thread', value: `${hashGBps.toFixed(1)} GB/s`, samples: list(m.hash1GiBMs, (v) => (GiB / GB / (v / 1e3)).toFixed(1)), goal: goals.hash.goal, pass: goals.hash.pass },
+    { name: 'merge 2 x 512 MiB memfd (stabilize + merge)', value: ms(merge) + ratio(merge, read1), samples: list(m.mergeMs, num), goal: `${goals.merge.goal} = ${ms(goals.merge.limit)}`, pass: goals.merge.pass },
+    { name: '  CPU time (user + system)', value: ms(med(m.mergeCpuMs)), samples: list(m.mergeCpuMs, num) },
+    { name: '  stabilize call (first buffer, in place)', value: ms(med(m.stabilizeMs)), samples: list(m.stabilizeMs, num) },
+    { name: '  merge call (verify + remap + punch)', value: ms(med(m.mergeCallMs)), samples: list(m.mergeCallMs, num) },
+    { name: '  verification: memcmp of the same 1 GiB', value: ms(med(m.verifyMs)), samples: list(m.verifyMs, num) },
+    { name: '  remap + reclaim (derived: total - verification)', value: ms(remap), samples: list(m.remapMs, num), goal: goals.remap.goal, pass: goals.remap.pass },
+    { name: '  Pss of the process, before -> after', value: `${mib(med(m.mergePssBefore))} -> ${mib(med(m.mergePssAfter))}`, samples: m.mergePssBefore.samples.map((v, i) => `-${mib(v - m.mergePssAfter.samples[i]!)}`).join('  ') },
+    { name: '  arena file bytes, before -> after', value: `${mib(med(m.mergeArenaBefore))} -> ${mib(med(m.mergeArenaAfter))}`, samples: '' },
+    { name: '  mappings (VMAs), before -> after', value: `${med(m.mergeMapsBefore)} -> ${med(m.mergeMapsAfter)}`, samples: m.mergeMapsBefore.samples.map((v, i) => `${v}->${m.mergeMapsAfter.samples[i]}`).join('  ') },
+    { name: '  first read of both buffers after merging', value: ms(med(m.refaultMs)), samples: list(m.refaultMs, num) },
+    { name: 'drop 768 MiB zero pages, memfd window', value: ms(zs) + ratio(zs, read768), samples: list(m.zeroSharedMs, num), goal: `${goals.zeroShared.goal} = ${ms(goals.zeroShared.limit)}`, pass: goals.zeroShared.pass },
+    { name: '  CPU time (user + system)', value: ms(med(m.zeroSharedCpuMs)), samples: list(m.zeroSharedCpuMs, num) },
+    { name: '  Pss freed; mappings added', value: `${mib(med(m.zeroSharedPssFreed))}; ${med(m.zeroSharedMapsDelta)}`, samples: list(m.zeroSharedPssFreed, mib) },
+    { name: 'drop 768 MiB zero pages, private anonymous', value: ms(zp) + ratio(zp, read768), samples: list(m.zeroPrivateMs, num), goal: `${goals.zeroPrivate.goal} = ${ms(goals.zeroPrivate.limit)}`, pass: goals.zeroPrivate.pass },
+    { name: '  CPU time (user + system)', value: ms(med(m.zeroPrivateCpuMs)), samples: list(m.zeroPrivateCpuMs, num) },
+    { name: '  Pss freed; mappings added', value: `${mib(med(m.zeroPrivatePssFreed))}; ${med(m.zeroPrivateMapsDelta)}`, samples: list(m.zeroPrivatePssFreed, mib) },
+  ]
+  const mc = machine()
+  console.log(`pagemerge bridge bench: ${opts.runs} runs, medians; GB = 10^9 bytes`)
+  console.log(`${mc.cpu}, ${mc.cpus} CPUs, ${mc.memGiB} GiB, Linux ${mc.kernel}, Node ${mc.node}, THP ${mc.thp}, shmem THP ${mc.shmemThp}\n`)
+  const w = [Math.max(...rows.map((r) => r.name.length)), Math.max(...rows.map((r) => r.value.length)), Math.max(...rows.map((r) => r.samples.length)), Math.max(...rows.map((r) => (r.goal ?? '').length))]
+  const line = (c: string[]) => c.map((s, i) => (i < w.length ? s.padEnd(w[i]!) : s)).join('  ').trimEnd()
+  console.log(line(['measurement', 'median', 'runs', 'goal', 'result']))
+  console.log(line(w.map((n) => '-'.repeat(n)).concat('------')))
+  for (const r of rows) console.log(line([r.name, r.value, r.samples, r.goal ?? '', r.pass === undefined ? '' : r.pass ? 'PASS' : 'MISS']))
+  const all = Object.values(goals)
+  console.log(`\n${all.filter((g) => g.pass).length} of ${all.length} goals met; ${seconds.toFixed(1)} s in all; load average ${loadBefore.toFixed(2)} before, ${loadavg()[0]!.toFixed(2)} after`)
+}
+
+main().catch((err) => {
+  console.error(err)
+  process.exitCode = 1
+})
