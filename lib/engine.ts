@@ -9,7 +9,7 @@ import { Piscina } from 'piscina'
 import { error, ErrorCode, typeError } from './errors'
 import { loadNative, NO_POOL, PAGE_SIZE, PageState, Status, type NativeArena, type NativeBinding } from './native'
 import type { ResolvedOptions } from './options'
-import { Flag, type HashTask, type Shard } from './protocol'
+import { domainMix, Flag, type HashTask, type Shard } from './protocol'
 import { StableNodes, UnstableTable } from './tables'
 import hashShards from '../workers/hash'
 
@@ -71,32 +71,30 @@ const WORKER_FILE = [join(__dirname, '..', 'workers', 'hash.js'), join(__dirname
 /** Pages per batch in mergeNow(): large enough to amortize a round trip to the workers. */
 const MERGE_NOW_BATCH = 1 << 16
 
-/** Per-page state, indexed by slot, in SharedArrayBuffers so workers can fill it. */
+/**
+ * Per-page state, indexed by slot, in SharedArrayBuffers so workers can fill it: 9 bytes a page.
+ * `words` holds two 32-bit words per page: its key (hash XOR domain mix) while it is not merged,
+ * and (stable node, 0) once it is, since a merged page is not hashed and its key is its node's.
+ */
 class PageArrays {
-  hashes = new BigUint64Array(new SharedArrayBuffer(8 * 1024))
-  words = new Uint32Array(this.hashes.buffer)
+  words = new Uint32Array(new SharedArrayBuffer(8 * 1024))
   flags = new Uint8Array(new SharedArrayBuffer(1024))
-  stableNode = new Int32Array(new SharedArrayBuffer(4 * 1024))
 
   get capacity(): number {
     return this.flags.length
   }
 
   grow(capacity: number): void {
-    const hashes = new BigUint64Array(new SharedArrayBuffer(8 * capacity))
-    hashes.set(this.hashes)
+    const words = new Uint32Array(new SharedArrayBuffer(8 * capacity))
+    words.set(this.words)
     const flags = new Uint8Array(new SharedArrayBuffer(capacity))
     flags.set(this.flags)
-    const stableNode = new Int32Array(new SharedArrayBuffer(4 * capacity))
-    stableNode.set(this.stableNode)
-    this.hashes = hashes
-    this.words = new Uint32Array(hashes.buffer)
+    this.words = words
     this.flags = flags
-    this.stableNode = stableNode
   }
 
   bytes(): number {
-    return this.capacity * 13
+    return this.capacity * 9
   }
 }
 
@@ -129,6 +127,8 @@ export class Engine {
   private candidates = new Int32Array(new SharedArrayBuffer(4 * MERGE_NOW_BATCH))
   private plan = new Uint8Array(MERGE_NOW_BATCH)
   private planNode = new Int32Array(MERGE_NOW_BATCH)
+  /** Pages mapping a stable page, planned ones included: the sum of the nodes' sharers. */
+  private sharersTotal = 0
   private c = {
     pagesScanned: 0,
     fullScans: 0,
@@ -143,6 +143,7 @@ export class Engine {
 
   constructor(options: ResolvedOptions) {
     this.options = options
+    this.unstable.words = this.pages.words
     const z = new BigUint64Array([this.native.ZERO_PAGE_HASH])
     const w = new Uint32Array(z.buffer)
     this.zero = { lo: w[0]!, hi: w[1]! }
@@ -171,7 +172,6 @@ export class Engine {
     if (at <= this.cursor.region && this.regions.length > 1) this.cursor.region++ // the cursor stays on its region
     this.byId.set(id, region)
     this.finalizer.register(sab, id, region)
-    this.unstable.reserve(this.slotTop)
   }
 
   /** Unmerges the buffer's pages (every page private again), then forgets it. */
@@ -206,9 +206,9 @@ export class Engine {
     return n
   }
 
-  /** The domain number pages are matched in (one for all when domains may mix). */
-  private effectiveDomain(r: Region): number {
-    return this.options.mergeAcrossDomains ? 0 : r.domain
+  /** What the region's domain XORs into its page keys (nothing when domains may mix). */
+  private mixOf(r: Region): { lo: number; hi: number } {
+    return domainMix(this.options.mergeAcrossDomains ? 0 : r.domain)
   }
 
   private takeSlots(pages: number): number {
@@ -225,6 +225,7 @@ export class Engine {
       let cap = this.pages.capacity
       while (cap < this.slotTop) cap *= 2
       this.pages.grow(cap)
+      this.unstable.words = this.pages.words
     }
     return start
   }
@@ -236,10 +237,10 @@ export class Engine {
   }
 
   private drop(region: Region): void {
-    const { flags, stableNode } = this.pages
+    const { flags, words } = this.pages
     for (let s = region.slot; s < region.slot + region.pages; s++) {
       const f = flags[s]!
-      if (f & Flag.MERGED) this.dropSharer(stableNode[s]!)
+      if (f & Flag.MERGED) this.dropSharer(words[2 * s]!)
       if (f & Flag.ZERO) this.c.zeroPages--
       flags[s] = 0
     }
@@ -278,27 +279,18 @@ export class Engine {
 
   /** A node of the chain starting at `head` that can take one more sharer, or -1. */
   private roomIn(head: number): number {
-    const { sharers, nextDup } = this.stable
+    const st = this.stable
     const max = this.options.maxPageSharing
-    for (let n = head; n >= 0; n = nextDup[n]!) if (sharers[n]! < max) return n
+    for (let n = head; n >= 0; n = st.nextDup(n)) if (st.sharers[n]! < max) return n
     return -1
   }
 
+  /** One page no longer maps (or will not map) the node; the last one takes it away. */
   private dropSharer(node: number): void {
     const st = this.stable
-    if (st.sharers[node]! > 1) {
-      st.sharers[node]!--
-      return
-    }
-    const head = st.find(st.hashLo[node]!, st.hashHi[node]!, st.domain[node]!)
-    if (head === node) st.replaceHead(node, st.nextDup[node]!)
-    else
-      for (let n = head; n >= 0; n = st.nextDup[n]!)
-        if (st.nextDup[n] === node) {
-          st.nextDup[n] = st.nextDup[node]!
-          break
-        }
-    st.release(node)
+    this.sharersTotal--
+    if (st.sharers[node]! > 1) st.sharers[node]!--
+    else st.remove(node)
   }
 
   // ---- scanning -------------------------------------------------------------------------------
@@ -387,7 +379,7 @@ export class Engine {
     this.c.volatile = 0
     this.c.skipped = 0
     this.c.mergedThisScan = 0
-    this.unstable.clear()
+    this.unstable.reset(this.slotTop - this.sharersTotal - this.c.zeroPages) // only unmerged pages can enter it
   }
 
   /** Scans up to `max` pages from the cursor; true when that finished a full scan. */
@@ -415,7 +407,7 @@ export class Engine {
       const buffer = r.ref.deref()
       const count = Math.min(max - taken, r.pages - this.cursor.page)
       if (buffer && count > 0) {
-        shards.push({ address: this.native.addressOf(buffer), firstPage: this.cursor.page, count, slot: r.slot + this.cursor.page, batchIndex: taken, domain: this.effectiveDomain(r) })
+        shards.push({ address: this.native.addressOf(buffer), firstPage: this.cursor.page, count, slot: r.slot + this.cursor.page, batchIndex: taken, mixLo: this.mixOf(r).lo, mixHi: this.mixOf(r).hi })
         held.push(r)
         buffers.push(buffer)
         taken += count
@@ -442,7 +434,7 @@ export class Engine {
    * instead of the shared zero page, reading it would allocate the memory we gave back.
    */
   private survey(shards: Shard[], held: Region[], buffers: SharedArrayBuffer[]): void {
-    const { flags, stableNode } = this.pages
+    const { flags, words } = this.pages
     const merged: number[] = [] // shards holding merged pages
     shards.forEach((sh, i) => {
       let any = 0
@@ -468,8 +460,8 @@ export class Engine {
       for (let k = 0; k < sh.count; k++) {
         const s = sh.slot + k
         if (flags[s]! & Flag.MERGED && states[k] === PageState.WRITTEN) {
-          this.dropSharer(stableNode[s]!)
-          flags[s] = flags[s]! & ~(Flag.MERGED | Flag.OWNER)
+          this.dropSharer(words[2 * s]!)
+          flags[s] = flags[s]! & ~(Flag.MERGED | Flag.OWNER | Flag.HASHED) // hashed afresh, as a new page
         }
       }
     })
@@ -491,7 +483,7 @@ export class Engine {
       }
     }
     const common = {
-      hashes: this.pages.hashes.buffer as SharedArrayBuffer,
+      keys: this.pages.words.buffer as SharedArrayBuffer,
       flags: this.pages.flags.buffer as SharedArrayBuffer,
       candidates: this.candidates.buffer as SharedArrayBuffer,
       stable: this.stable.view(),
@@ -506,34 +498,31 @@ export class Engine {
 
   /** Decides, page by page, what each page of the batch becomes; then carries it out. */
   private process(shards: Shard[], held: Region[], mergeNow: boolean): void {
-    const { words, flags, stableNode } = this.pages
+    const { words, flags } = this.pages
     const { plan, planNode, candidates, zero } = this
     const st = this.stable
     const useZero = this.options.useZeroPages
     const owners: number[] = []
     const live = new Set(held.filter((r) => this.byId.get(r.id) === r))
+    // Unstable entries that may still pair: not merged (their words hold a node), not pending, not dropped.
+    const unmerged = (o: number) => (flags[o]! & (Flag.MERGED | Flag.PENDING | Flag.ZERO)) === 0
     shards.forEach((sh, i) => {
       const r = held[i]!
       plan.fill(Plan.NONE, sh.batchIndex, sh.batchIndex + sh.count)
       if (!live.has(r)) return // unregistered while its pages were being hashed
       this.c.pagesScanned += sh.count
-      const dom = sh.domain
-      const accept = (o: number) => {
-        const or = this.regionOfSlot(o)
-        return or !== undefined && this.effectiveDomain(or) === dom && (flags[o]! & Flag.ZERO) === 0
-      }
+      const zeroLo = (zero.lo ^ sh.mixLo) >>> 0, zeroHi = (zero.hi ^ sh.mixHi) >>> 0
       for (let k = 0; k < sh.count; k++) {
         const s = sh.slot + k, bi = sh.batchIndex + k
         const f = flags[s]!
         if (f & Flag.MERGED) continue
-        const lo = words[2 * s]!, hi = words[2 * s + 1]!
-        const isZero = lo === zero.lo && hi === zero.hi
         if (f & Flag.ZERO) {
           if (!(f & Flag.TOUCHED)) continue // still given back: not read, not hashed
           flags[s] = f & ~(Flag.ZERO | Flag.TOUCHED) // read or written since: a page like any other
           this.c.zeroPages--
         }
-        if (isZero && useZero) {
+        const lo = words[2 * s]!, hi = words[2 * s + 1]!
+        if (useZero && lo === zeroLo && hi === zeroHi) {
           plan[bi] = Plan.ZERO
           continue
         }
@@ -541,32 +530,26 @@ export class Engine {
           if (f & Flag.CHANGED) this.c.volatile++
           continue
         }
-        let node = candidates[bi]!
-        if (node >= 0) node = this.roomIn(node)
+        // The stable index first (the worker's answer, or this batch's new stable pages) ...
+        let head = candidates[bi]!
+        if (head < 0) head = st.find(lo, hi)
+        let node = head >= 0 ? this.roomIn(head) : -1
         if (node < 0) {
-          const other = this.unstable.findOrInsert(s, lo, hi, dom, words, accept)
+          // ... then the unstable one: two unmerged pages meet, and the earlier one's memory
+          // becomes a new stable page (a dup in its content's chain when the others are full).
+          const other = this.unstable.findOrInsert(s, unmerged)
           if (other < 0) continue
-          const of = flags[other]!
-          if (of & (Flag.MERGED | Flag.PENDING)) {
-            node = this.roomIn(stableNode[other]!)
-            if (node < 0) continue
-          } else {
-            // Two pages meet: the earlier one's memory becomes a new stable page.
-            node = st.create(lo, hi, dom, NO_POOL)
-            st.sharers[node] = 1
-            const head = st.find(lo, hi, dom)
-            if (head < 0) st.insertHead(node)
-            else {
-              let last = head
-              while (st.nextDup[last]! >= 0) last = st.nextDup[last]!
-              st.nextDup[last] = node
-            }
-            stableNode[other] = node
-            flags[other] = of | Flag.PENDING
-            owners.push(other)
-          }
+          node = st.create(lo, hi, NO_POOL)
+          st.insert(node)
+          st.sharers[node] = 1
+          this.sharersTotal++
+          words[2 * other] = node
+          words[2 * other + 1] = 0
+          flags[other] = flags[other]! | Flag.PENDING
+          owners.push(other)
         }
         st.sharers[node]!++ // counted now so that maxPageSharing holds within the batch
+        this.sharersTotal++
         plan[bi] = Plan.STABLE
         planNode[bi] = node
       }
@@ -601,33 +584,37 @@ export class Engine {
 
   /** Makes the planned stable pages: each run of owners' pages becomes pool pages in place. Returns nodes that failed. */
   private applyOwners(owners: number[]): number[] {
-    const { flags, stableNode } = this.pages
+    const { flags, words } = this.pages
     owners.sort((a, b) => a - b)
     const ext: number[] = []
     for (let i = 0; i < owners.length; ) {
       const r = this.regionOfSlot(owners[i]!)
       let j = i + 1
-      while (j < owners.length && owners[j] === owners[j - 1]! + 1 && owners[j]! < r!.slot + r!.pages) j++
+      if (r) while (j < owners.length && owners[j] === owners[j - 1]! + 1 && owners[j]! < r.slot + r.pages) j++
       if (r) ext.push(r.id, owners[i]! - r.slot, j - i, owners[i]!)
-      else for (let k = i; k < j; k++) flags[owners[k]!] = flags[owners[k]!]! & ~Flag.PENDING
       i = j
     }
     const failed: number[] = []
     const outPool = new Uint32Array(ext.length / 4)
-    let index = 0
-    this.run(ext, 4, 3, 2, (extents, status) => this.arena.stabilize(extents, status, this.options.mapBudget, outPool.subarray(index, (index += extents.length / 3))), (e, ok, n) => {
+    this.run(ext, 4, 3, 2, (extents, status) => this.arena.stabilize(extents, status, this.options.mapBudget, outPool), (e, ok, n) => {
       for (let k = 0; k < e[2]!; k++) {
         const s = e[3]! + k
-        const node = stableNode[s]!
+        const node = words[2 * s]!
         flags[s] = flags[s]! & ~Flag.PENDING
         if (ok) {
           this.stable.pool[node] = outPool[n]! + k
           flags[s] = flags[s]! | Flag.MERGED | Flag.OWNER
-        } else failed.push(node)
+        } else {
+          failed.push(node)
+          flags[s] = flags[s]! & ~Flag.HASHED // its words hold the node now: hashed afresh next time
+        }
       }
     })
-    // owners whose region died before the extent was built
-    for (const s of owners) if (flags[s]! & Flag.PENDING) (flags[s] = flags[s]! & ~Flag.PENDING), failed.push(stableNode[s]!)
+    for (const s of owners) // owners whose region went away before the extent was made
+      if (flags[s]! & Flag.PENDING) {
+        flags[s] = flags[s]! & ~(Flag.PENDING | Flag.HASHED)
+        failed.push(words[2 * s]!)
+      }
     return failed
   }
 
@@ -655,16 +642,17 @@ export class Engine {
         k = end
       }
     })
-    const { flags, stableNode } = this.pages
+    const { flags, words } = this.pages
     this.run(ext, 6, 4, 3, (extents, status) => this.arena.merge(extents, status, this.options.mapBudget), (e, ok) => {
       for (let k = 0; k < e[3]!; k++) {
-        const node = planNode[e[5]! + k]!
+        const node = planNode[e[5]! + k]!, s = e[4]! + k
         if (!ok) {
           this.dropSharer(node)
           continue
         }
-        flags[e[4]! + k] = (flags[e[4]! + k]! | Flag.MERGED) & ~Flag.OWNER
-        stableNode[e[4]! + k] = node
+        flags[s] = (flags[s]! | Flag.MERGED) & ~Flag.OWNER
+        words[2 * s] = node
+        words[2 * s + 1] = 0
       }
       if (ok) this.c.mergedThisScan += e[3]!
     })
@@ -704,12 +692,12 @@ export class Engine {
     this.arena.unmerge(new Uint32Array([region.id, 0, region.pages]), status, Number.MAX_SAFE_INTEGER)
     if (status[0] !== Status.OK && status[0] !== Status.GONE)
       throw Object.assign(error(ErrorCode.BUSY, `unmerging failed with errno ${-status[0]!}; every page still reads its bytes`), { errno: status[0] })
-    const { flags, stableNode } = this.pages
+    const { flags, words } = this.pages
     for (let s = region.slot; s < region.slot + region.pages; s++) {
       const f = flags[s]!
-      if (f & Flag.MERGED) this.dropSharer(stableNode[s]!)
+      if (f & Flag.MERGED) this.dropSharer(words[2 * s]!)
       if (f & Flag.ZERO) this.c.zeroPages--
-      flags[s] = f & ~(Flag.MERGED | Flag.OWNER | Flag.ZERO)
+      flags[s] = f & ~(Flag.MERGED | Flag.OWNER | Flag.ZERO | Flag.TOUCHED | (f & Flag.MERGED ? Flag.HASHED : 0))
     }
   }
 
@@ -717,7 +705,7 @@ export class Engine {
     this.assertOpen()
     return this.exclusive(() => {
       for (const r of this.regions) this.unmergeRegion(r)
-      this.unstable.clear()
+      this.unstable.reset(this.slotTop)
     })
   }
 
@@ -734,31 +722,17 @@ export class Engine {
       this.pool = undefined
       void old.destroy()
     }
-    if (next.mergeAcrossDomains !== this.options.mergeAcrossDomains) this.unstable.clear()
+    if (next.mergeAcrossDomains !== this.options.mergeAcrossDomains) this.unstable.reset(this.slotTop) // keys change
     this.options = next
   }
 
   stats(): Stats {
     const st = this.stable
-    let shared = 0, sharers = 0, chains = 0, dups = 0
-    const seen = new Set<number>()
-    for (let n = 0; n < st.capacity; n++) {
-      const c = st.sharers[n]!
-      if (c === 0) continue
-      shared++
-      sharers += c
-    }
-    for (const e of st.table) {
-      if (e === 0) continue
-      const head = e - 1
-      if (st.nextDup[head]! < 0 || seen.has(head)) continue
-      seen.add(head)
-      chains++
-      for (let n = head; n >= 0; n = st.nextDup[n]!) dups++
-    }
+    const { chains, dups } = st.chains()
+    const shared = st.live
     const tracked = this.regions.reduce((s, r) => s + r.pages, 0)
     const metadata = this.pages.bytes() + st.bytes() + this.unstable.bytes() + this.arena.stats().metadataBytes
-    const sharing = sharers - shared
+    const sharing = this.sharersTotal - shared
     return {
       pagesShared: shared,
       pagesSharing: sharing,

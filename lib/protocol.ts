@@ -33,22 +33,24 @@ export interface Shard {
   slot: number
   /** Where this run's candidates go in the batch's candidate array. */
   batchIndex: number
-  /** The domain's number: mixed into the table key and compared on every table hit. */
-  domain: number
+  /** The domain's mix (domainMix): pages are keyed by hash XOR mix, so domains never share keys. */
+  mixLo: number
+  mixHi: number
 }
 
 /** Read-only snapshot of the stable table that workers search. */
 export interface StableView {
   table: SharedArrayBuffer // Int32Array: node + 1, or 0 for empty
-  hashLo: SharedArrayBuffer // Uint32Array per node
-  hashHi: SharedArrayBuffer
-  domain: SharedArrayBuffer
+  keyLo: SharedArrayBuffer // Uint32Array per node
+  keyHi: SharedArrayBuffer
+  secret: number
 }
 
 /** Hash the shards' pages and look each one up in the stable table. */
 export interface HashTask {
   shards: Shard[]
-  hashes: SharedArrayBuffer // BigUint64Array per slot
+  /** Per slot, the page's key: its xxh3-64 XOR its domain's mix, as (lo, hi) 32-bit words. */
+  keys: SharedArrayBuffer
   flags: SharedArrayBuffer // Uint8Array per slot
   candidates: SharedArrayBuffer // Int32Array per batch page: stable node or -1
   stable: StableView
@@ -60,9 +62,18 @@ export interface HashResult {
 }
 
 /**
- * Table probe start for a page hash in a domain (shared so both sides probe alike). The domain
- * is mixed in so that the same content held by many domains does not form one long probe run.
+ * What a domain XORs into its pages' hashes. Each half is an odd multiple of the domain number,
+ * so two domains never give the same content the same key; and a key that matches across
+ * domains by chance is still refused by the byte comparison before any merge.
  */
-export function probeStart(hashLo: number, domain: number, mask: number): number {
-  return (Math.imul((hashLo ^ Math.imul(domain, 0x85ebca6b)) >>> 0, 0x9e3779b1) >>> 0) & mask
+export function domainMix(domain: number): { lo: number; hi: number } {
+  return { lo: Math.imul(domain, 0x9e3779b1) >>> 0, hi: Math.imul(domain, 0x85ebca6b) >>> 0 }
+}
+
+/**
+ * Where a key's probe run starts in a table of 2^bits entries: the top bits of the key mixed
+ * with a per-engine secret, so that pages crafted to share low hash bits do not pile up.
+ */
+export function probeStart(keyLo: number, secret: number, bits: number): number {
+  return Math.imul((keyLo ^ secret) >>> 0, 0x9e3779b1) >>> (32 - bits)
 }

@@ -1,108 +1,83 @@
 /**
- * KSM's two indexes, as open-addressing hash tables over SharedArrayBuffer typed arrays.
+ * KSM's two indexes, as open-addressing hash tables (linear probing) over SharedArrayBuffer
+ * typed arrays, keyed by each page's 64-bit key (its hash XOR its domain's mix).
  *
  * The kernel orders its trees by page content because it has no hash; we hash every page
- * anyway, so a table keyed by the 64-bit hash finds a page in O(1) instead of O(log n) node
- * visits, which at 262,144 pages per GiB is the difference between milliseconds and a large
- * share of a merge. Like the kernel's colour-balanced unstable tree, a table is unharmed when a
- * key changes under it (the entry is merely stale), and a hash hit is only a candidate: bytes
- * are compared in full before any merge. Equal hashes of different bytes simply sit in the same
- * probe run.
+ * anyway, so a table finds a page in O(1) instead of the ~17 node visits per page of a tree at
+ * 262,144 pages per GiB, which in JavaScript was a large share of a merge. Like the kernel's
+ * colour-balanced unstable tree, a table is unharmed when a key changes under it (the entry is
+ * merely stale), and a hit is only a candidate: bytes are compared in full before any merge.
+ * Equal keys of different bytes simply sit in the same probe run.
  */
+import { randomInt } from 'node:crypto'
 import { probeStart, type StableView } from './protocol'
 
 const EMPTY = 0
+const MIN_BITS = 10
 
-function sabInt32(n: number): Int32Array {
-  return new Int32Array(new SharedArrayBuffer(n * 4))
-}
-function sabUint32(n: number): Uint32Array {
-  return new Uint32Array(new SharedArrayBuffer(n * 4))
-}
+const sabInt32 = (n: number) => new Int32Array(new SharedArrayBuffer(n * 4))
+const sabUint32 = (n: number) => new Uint32Array(new SharedArrayBuffer(n * 4))
 
-/** Smallest power of two ≥ 2n (load factor ≤ 1/2), at least 1024. */
-function tableSize(n: number): number {
-  let size = 1024
-  while (size < 2 * n) size *= 2
-  return size
+/** Bits of the smallest table for n entries at a load of at most 1/2. */
+function bitsFor(n: number): number {
+  let bits = MIN_BITS
+  while (1 << bits < 2 * n) bits++
+  return bits
 }
 
-/** The stable pages: one node per pool page that pages are merged onto. */
-export class StableNodes {
-  hashLo = sabUint32(1024)
-  hashHi = sabUint32(1024)
-  domain = sabUint32(1024)
-  pool = sabUint32(1024)
-  sharers = sabUint32(1024)
-  /** Next node in a chain of dups with the same content (maxPageSharing), or -1. */
-  nextDup = sabInt32(1024)
-  /** Table of chain heads: node + 1, or 0. */
-  table = sabInt32(tableSize(1024))
-  /** Nodes in use. */
-  live = 0
-  private free: number[] = []
-  private top = 0
+/** Linear probing over `table`, keys looked up through `keyLo`/`keyHi` of the entry's index. */
+abstract class Table {
+  table: Int32Array
+  bits: number
+  /** Entries in the table. */
+  size = 0
+  readonly secret = randomInt(2 ** 32 - 1)
 
-  get capacity(): number {
-    return this.hashLo.length
+  constructor(bits = MIN_BITS) {
+    this.bits = bits
+    this.table = sabInt32(1 << bits)
   }
 
-  view(): StableView {
-    return {
-      table: this.table.buffer as SharedArrayBuffer,
-      hashLo: this.hashLo.buffer as SharedArrayBuffer,
-      hashHi: this.hashHi.buffer as SharedArrayBuffer,
-      domain: this.domain.buffer as SharedArrayBuffer,
-    }
+  protected abstract lo(index: number): number
+  protected abstract hi(index: number): number
+
+  protected home(index: number): number {
+    return probeStart(this.lo(index), this.secret, this.bits)
   }
 
-  /** A new node, not yet in the table. */
-  create(lo: number, hi: number, domain: number, pool: number): number {
-    const n = this.free.length ? this.free.pop()! : this.top++
-    if (n >= this.capacity) this.grow(this.capacity * 2)
-    this.hashLo[n] = lo
-    this.hashHi[n] = hi
-    this.domain[n] = domain
-    this.pool[n] = pool
-    this.sharers[n] = 0
-    this.nextDup[n] = -1
-    this.live++
-    return n
-  }
-
-  /** Finds the chain head for (hash, domain), or -1. */
-  find(lo: number, hi: number, domain: number): number {
+  /** The first entry with this key that `accept`s, or -1. */
+  protected lookup(lo: number, hi: number, accept?: (index: number) => boolean): number {
     const mask = this.table.length - 1
-    for (let p = probeStart(lo, domain, mask); ; p = (p + 1) & mask) {
+    for (let p = probeStart(lo, this.secret, this.bits); ; p = (p + 1) & mask) {
       const e = this.table[p]!
       if (e === EMPTY) return -1
-      const n = e - 1
-      if (this.hashLo[n] === lo && this.hashHi[n] === hi && this.domain[n] === domain) return n
+      const i = e - 1
+      if (this.lo(i) === lo && this.hi(i) === hi && (!accept || accept(i))) return i
     }
   }
 
-  /** Makes `node` the head for its key; the caller knows no head exists. */
-  insertHead(node: number): void {
-    if (2 * (this.live + 1) > this.table.length) this.rehash(tableSize(this.capacity))
+  protected put(index: number): void {
+    if (2 * (this.size + 1) > this.table.length) this.resize(this.bits + 1)
     const mask = this.table.length - 1
-    let p = this.home(node, mask)
+    let p = this.home(index)
     while (this.table[p] !== EMPTY) p = (p + 1) & mask
-    this.table[p] = node + 1
+    this.table[p] = index + 1
+    this.size++
   }
 
-  /** Replaces the table entry of head `node` with `by` (or removes it when by is -1). */
-  replaceHead(node: number, by: number): void {
+  /** Removes `index` (or replaces it by `by`), keeping every probe run unbroken (Knuth's Algorithm R). */
+  protected take(index: number, by = -1): void {
     const mask = this.table.length - 1
-    let hole = this.home(node, mask)
-    while (this.table[hole] !== node + 1) hole = (hole + 1) & mask
+    let hole = this.home(index)
+    while (this.table[hole] !== index + 1) hole = (hole + 1) & mask
     if (by >= 0) {
       this.table[hole] = by + 1
       return
     }
-    // Backward-shift deletion (Knuth's Algorithm R): probe runs stay unbroken, no tombstones.
     this.table[hole] = EMPTY
+    this.size--
     for (let j = (hole + 1) & mask; this.table[j] !== EMPTY; j = (j + 1) & mask) {
-      const k = this.home(this.table[j]! - 1, mask)
+      const k = this.home(this.table[j]! - 1)
       const stays = hole <= j ? hole < k && k <= j : hole < k || k <= j
       if (stays) continue
       this.table[hole] = this.table[j]!
@@ -111,90 +86,166 @@ export class StableNodes {
     }
   }
 
-  private home(node: number, mask: number): number {
-    return probeStart(this.hashLo[node]!, this.domain[node]!, mask)
-  }
-
-  /** Frees a node that is in no table and no chain. */
-  release(node: number): void {
-    this.live--
-    this.sharers[node] = 0
-    this.free.push(node)
-  }
-
-  private grow(capacity: number): void {
-    const copy = <T extends Uint32Array | Int32Array>(a: T, make: (n: number) => T): T => {
-      const b = make(capacity)
-      b.set(a)
-      return b
-    }
-    this.hashLo = copy(this.hashLo, sabUint32)
-    this.hashHi = copy(this.hashHi, sabUint32)
-    this.domain = copy(this.domain, sabUint32)
-    this.pool = copy(this.pool, sabUint32)
-    this.sharers = copy(this.sharers, sabUint32)
-    this.nextDup = copy(this.nextDup, sabInt32)
-  }
-
-  private rehash(size: number): void {
+  /** Rebuilds the table with 2^bits entries (to grow, or to give memory back). */
+  protected resize(bits: number): void {
     const old = this.table
-    this.table = sabInt32(size)
-    const mask = size - 1
+    this.bits = bits
+    this.table = sabInt32(1 << bits)
+    const mask = this.table.length - 1
     for (const e of old) {
       if (e === EMPTY) continue
-      let p = this.home(e - 1, mask)
+      let p = this.home(e - 1)
       while (this.table[p] !== EMPTY) p = (p + 1) & mask
       this.table[p] = e
     }
   }
 
-  /** Bytes of metadata held. */
   bytes(): number {
-    return this.capacity * 24 + this.table.length * 4
+    return this.table.length * 4
   }
 }
 
-/** The unstable index: pages seen this full scan that matched nothing yet. Emptied every scan. */
-export class UnstableTable {
-  table: Int32Array = sabInt32(tableSize(1024))
-  /** Entries this scan. */
-  size = 0
+/** The stable pages: one node per pool page that pages are merged onto. */
+export class StableNodes extends Table {
+  keyLo = sabUint32(1024)
+  keyHi = sabUint32(1024)
+  pool = sabUint32(1024)
+  sharers = sabUint32(1024)
+  /** Next node in a chain of dups with the same content (maxPageSharing): rare, so a Map. */
+  private readonly dups = new Map<number, number>()
+  /** Nodes in use. */
+  live = 0
+  private free: number[] = []
+  private top = 0
 
-  /** Sizes the table for `pages` tracked pages (emptying it). */
-  reserve(pages: number): void {
-    const want = tableSize(pages)
-    if (want > this.table.length) {
-      this.table = sabInt32(want)
-      this.size = 0
+  protected lo(n: number): number {
+    return this.keyLo[n]!
+  }
+  protected hi(n: number): number {
+    return this.keyHi[n]!
+  }
+
+  get capacity(): number {
+    return this.keyLo.length
+  }
+
+  view(): StableView {
+    return {
+      table: this.table.buffer as SharedArrayBuffer,
+      keyLo: this.keyLo.buffer as SharedArrayBuffer,
+      keyHi: this.keyHi.buffer as SharedArrayBuffer,
+      secret: this.secret,
     }
   }
 
-  clear(): void {
-    this.table.fill(EMPTY)
+  /** A new node, not yet in the table. */
+  create(lo: number, hi: number, pool: number): number {
+    const n = this.free.length ? this.free.pop()! : this.top++
+    if (n >= this.capacity) this.grow(this.capacity * 2)
+    this.keyLo[n] = lo
+    this.keyHi[n] = hi
+    this.pool[n] = pool
+    this.sharers[n] = 0
+    this.live++
+    return n
+  }
+
+  /** The chain head for a key, or -1. */
+  find(lo: number, hi: number): number {
+    return this.lookup(lo, hi)
+  }
+
+  /** Makes `node` the head for its key (the caller knows there is none), or the last dup of its chain. */
+  insert(node: number): void {
+    const head = this.find(this.keyLo[node]!, this.keyHi[node]!)
+    if (head < 0) return this.put(node)
+    let last = head
+    while (this.nextDup(last) >= 0) last = this.nextDup(last)
+    this.dups.set(last, node)
+  }
+
+  nextDup(node: number): number {
+    return this.dups.get(node) ?? -1
+  }
+
+  /** Unlinks a node from the table or its chain and frees it. */
+  remove(node: number): void {
+    const head = this.find(this.keyLo[node]!, this.keyHi[node]!)
+    const next = this.nextDup(node)
+    if (head === node) {
+      if (next >= 0) this.take(node, next)
+      else this.take(node)
+    } else
+      for (let n = head; n >= 0; n = this.nextDup(n))
+        if (this.nextDup(n) === node) {
+          if (next >= 0) this.dups.set(n, next)
+          else this.dups.delete(n)
+          break
+        }
+    this.dups.delete(node)
+    this.live--
+    this.sharers[node] = 0
+    this.free.push(node)
+  }
+
+  /** Chains (contents with more than one stable page) and the nodes in them. */
+  chains(): { chains: number; dups: number } {
+    let chains = 0, dups = 0
+    for (const e of this.table) {
+      if (e === EMPTY || this.nextDup(e - 1) < 0) continue
+      chains++
+      for (let n = e - 1; n >= 0; n = this.nextDup(n)) dups++
+    }
+    return { chains, dups }
+  }
+
+  private grow(capacity: number): void {
+    const copy = (a: Uint32Array) => {
+      const b = sabUint32(capacity)
+      b.set(a)
+      return b
+    }
+    this.keyLo = copy(this.keyLo)
+    this.keyHi = copy(this.keyHi)
+    this.pool = copy(this.pool)
+    this.sharers = copy(this.sharers)
+  }
+
+  override bytes(): number {
+    return super.bytes() + this.capacity * 16 + this.dups.size * 16
+  }
+}
+
+/**
+ * The unstable index: pages seen this full scan that matched nothing yet. Emptied every scan,
+ * and sized then for the pages that may enter it, so that it costs nothing once all is merged.
+ */
+export class UnstableTable extends Table {
+  /** Page keys, as (lo, hi) words per slot: the page arrays' own. */
+  words: Uint32Array<ArrayBufferLike> = new Uint32Array(0)
+
+  protected lo(slot: number): number {
+    return this.words[2 * slot]!
+  }
+  protected hi(slot: number): number {
+    return this.words[2 * slot + 1]!
+  }
+
+  /** Empties the table, sized for `expected` entries. */
+  reset(expected: number): void {
+    const bits = bitsFor(expected)
+    if (bits === this.bits) this.table.fill(EMPTY)
+    else {
+      this.bits = bits
+      this.table = sabInt32(1 << bits)
+    }
     this.size = 0
   }
 
-  /**
-   * Finds a slot whose hash equals (lo, hi) and that `accept`s, or inserts `slot` and returns -1.
-   * `words` is the page hashes as (lo, hi) pairs per slot.
-   */
-  findOrInsert(slot: number, lo: number, hi: number, domain: number, words: Uint32Array, accept: (other: number) => boolean): number {
-    const mask = this.table.length - 1
-    let p = probeStart(lo, domain, mask)
-    for (; ; p = (p + 1) & mask) {
-      const e = this.table[p]!
-      if (e === EMPTY) break
-      const other = e - 1
-      if (other !== slot && words[2 * other] === lo && words[2 * other + 1] === hi && accept(other)) return other
-    }
-    if (2 * (this.size + 1) <= this.table.length) {
-      this.table[p] = slot + 1
-      this.size++
-    }
-    return -1
-  }
-
-  bytes(): number {
-    return this.table.length * 4
+  /** A slot with the same key that `accept`s, or -1 after inserting `slot`. */
+  findOrInsert(slot: number, accept: (other: number) => boolean): number {
+    const other = this.lookup(this.lo(slot), this.hi(slot), (o) => o !== slot && accept(o))
+    if (other < 0) this.put(slot)
+    return other
   }
 }
