@@ -172,6 +172,7 @@ export class Engine {
     if (at <= this.cursor.region && this.regions.length > 1) this.cursor.region++ // the cursor stays on its region
     this.byId.set(id, region)
     this.finalizer.register(sab, id, region)
+    this.workerPool() // start the threads now, while the application fills its buffers
   }
 
   /** Unmerges the buffer's pages (every page private again), then forgets it. */
@@ -504,8 +505,8 @@ export class Engine {
     const useZero = this.options.useZeroPages
     const owners: number[] = []
     const live = new Set(held.filter((r) => this.byId.get(r.id) === r))
-    // Unstable entries that may still pair: not merged (their words hold a node), not pending, not dropped.
-    const unmerged = (o: number) => (flags[o]! & (Flag.MERGED | Flag.PENDING | Flag.ZERO)) === 0
+    // Unstable entries that can no longer pair: merged (their words hold a node), pending, dropped.
+    const busy = Flag.MERGED | Flag.PENDING | Flag.ZERO
     shards.forEach((sh, i) => {
       const r = held[i]!
       plan.fill(Plan.NONE, sh.batchIndex, sh.batchIndex + sh.count)
@@ -537,10 +538,10 @@ export class Engine {
         if (node < 0) {
           // ... then the unstable one: two unmerged pages meet, and the earlier one's memory
           // becomes a new stable page (a dup in its content's chain when the others are full).
-          const other = this.unstable.findOrInsert(s, unmerged)
+          const other = this.unstable.findOrInsert(s, flags, busy)
           if (other < 0) continue
           node = st.create(lo, hi, NO_POOL)
-          st.insert(node)
+          st.insert(node, head)
           st.sharers[node] = 1
           this.sharersTotal++
           words[2 * other] = node
@@ -675,13 +676,14 @@ export class Engine {
     const n = records.length / stride
     if (n === 0) return
     const extents = new Uint32Array(n * nativeStride)
-    for (let i = 0; i < n; i++) extents.set(records.slice(i * stride, i * stride + nativeStride), i * nativeStride)
+    for (let i = 0; i < n; i++) for (let k = 0; k < nativeStride; k++) extents[i * nativeStride + k] = records[i * stride + k]!
     const status = new Int32Array(n)
     call(extents, status)
+    const record: number[] = new Array(stride)
     for (let i = 0; i < n; i++) {
-      const rec = records.slice(i * stride, (i + 1) * stride)
-      if (status[i] === Status.BUDGET) this.c.skipped += rec[countAt]!
-      done(rec, status[i] === Status.OK, i)
+      for (let k = 0; k < stride; k++) record[k] = records[i * stride + k]!
+      if (status[i] === Status.BUDGET) this.c.skipped += record[countAt]!
+      done(record, status[i] === Status.OK, i)
     }
   }
 

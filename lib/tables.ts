@@ -155,9 +155,8 @@ export class StableNodes extends Table {
     return this.lookup(lo, hi)
   }
 
-  /** Makes `node` the head for its key (the caller knows there is none), or the last dup of its chain. */
-  insert(node: number): void {
-    const head = this.find(this.keyLo[node]!, this.keyHi[node]!)
+  /** Makes `node` the last dup of the chain of `head`, or the head for its key when head is -1. */
+  insert(node: number, head: number): void {
     if (head < 0) return this.put(node)
     let last = head
     while (this.nextDup(last) >= 0) last = this.nextDup(last)
@@ -242,10 +241,18 @@ export class UnstableTable extends Table {
     this.size = 0
   }
 
-  /** A slot with the same key that `accept`s, or -1 after inserting `slot`. */
-  findOrInsert(slot: number, accept: (other: number) => boolean): number {
-    const other = this.lookup(this.lo(slot), this.hi(slot), (o) => o !== slot && accept(o))
-    if (other < 0) this.put(slot)
-    return other
+  /** Another slot with the same key whose flags have none of `busy`, or -1 after inserting `slot`. */
+  findOrInsert(slot: number, flags: Uint8Array, busy: number): number {
+    const { words, table } = this
+    const lo = words[2 * slot]!, hi = words[2 * slot + 1]!
+    const mask = table.length - 1
+    for (let p = this.home(slot); ; p = (p + 1) & mask) {
+      const e = table[p]!
+      if (e === EMPTY) break
+      const o = e - 1
+      if (words[2 * o] === lo && words[2 * o + 1] === hi && o !== slot && (flags[o]! & busy) === 0) return o
+    }
+    this.put(slot)
+    return -1
   }
 }
