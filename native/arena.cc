@@ -458,10 +458,17 @@ class Arena : public Napi::ObjectWrap<Arena> {
     bool shared = info[1].ToBoolean();
     uint64_t pages = (bytes + kPage - 1) / kPage;
     if (pages == 0) return ThrowRange(env, code::OUT_OF_RANGE, "bytes must be at least 1");
+    if (pages > core_->reservePages)  // before sizing anything by it
+      return ThrowPlain(env, code::ARENA_FULL, std::to_string(bytes) + " bytes are more than the arena's " +
+                                                   std::to_string(core_->reservePages * kPage) + "; create a larger Arena");
     auto a = std::make_unique<Allocation>();
     a->pages = pages;
-    a->state.assign(pages, shared ? kShared : kAnon);
-    a->pool.assign(pages, kNoPool);
+    try {  // 5 bytes of bookkeeping per page
+      a->state.assign(pages, shared ? kShared : kAnon);
+      a->pool.assign(pages, kNoPool);
+    } catch (const std::bad_alloc&) {
+      return ThrowErrno(env, ENOMEM, "malloc", "cannot keep track of " + std::to_string(pages) + " pages");
+    }
     Owner* owner;
     uint8_t* base;
     uint64_t length = pages * kPage;
