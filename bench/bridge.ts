@@ -11,17 +11,14 @@
  * taken near the samples it is compared with; the table shows medians. Buffers are freed between
  * measurements (dropped, then collected), so at most about 2 GiB is allocated at any moment.
  */
-import { cpus, loadavg, release, totalmem } from 'node:os'
-import { readFileSync } from 'node:fs'
+import { loadavg } from 'node:os'
 import { parseArgs } from 'node:util'
 import { defaultMapBudget } from '../lib/budget'
 import { loadNative, NativeArena, PAGE_SIZE, Status } from '../lib/native'
 import { smapsRollup } from '../lib/procfs'
+import { cpuTime, fillRandom, gcUntil, GB, GiB, integerOption, limitBuffer, machine, machineLine, MiB, pagesOf, printTable, readHalves, series, Series, seriesJson, time, type Row } from './common'
 
 const native = loadNative()
-const MiB = 1024 * 1024
-const GiB = 1024 * MiB
-const GB = 1e9
 const HALF = 512 * MiB // each buffer of the merged pair, and each half of the limit buffer
 const ZERO = 768 * MiB // the zero-page workload
 const GOAL = {
@@ -45,8 +42,7 @@ function options(): Options {
     console.log('usage: npm run bench:bridge -- [--runs N] [--json] [--verbose]')
     process.exit(0)
   }
-  const runs = Number(values.runs)
-  if (!Number.isInteger(runs) || runs < 1 || runs > 50) throw new RangeError('--runs must be an integer from 1 to 50')
+  const runs = integerOption('runs', values.runs, 1, 50)
   return { runs, json: values.json === true, verbose: values.verbose === true }
 }
 
@@ -56,46 +52,10 @@ let trace: (what: string) => void = () => {}
 /** The 1-minute load average when the bench started: above ~0.5 on 2 cores, something else was running. */
 let loadBefore = 0
 
-const gc = (globalThis as { gc?: () => void }).gc
-
 /** Drops what V8 can collect and waits until the arena has only `keep` allocations left. */
 async function collect(arena: NativeArena, keep: number): Promise<void> {
-  if (!gc) throw new Error('run with node --expose-gc (npm run bench:bridge does)')
-  for (let i = 0; i < 500 && arena.stats().allocations > keep; i++) {
-    gc()
-    await new Promise((r) => setTimeout(r, 10))
-  }
-  if (arena.stats().allocations > keep) throw new Error('buffers were not collected; refusing to allocate more')
+  if (!(await gcUntil(() => arena.stats().allocations <= keep, 'bench:bridge'))) throw new Error('buffers were not collected; refusing to allocate more')
 }
-
-/** Milliseconds `f` takes, by the monotonic clock. */
-function time(f: () => void): number {
-  const start = process.hrtime.bigint()
-  f()
-  return Number(process.hrtime.bigint() - start) / 1e6
-}
-
-/** Milliseconds of CPU (user + system, all threads) `f` takes: far below wall time means the machine was busy. */
-function cpuTime(f: () => void): number {
-  const start = process.cpuUsage()
-  f()
-  const d = process.cpuUsage(start)
-  return (d.user + d.system) / 1e3
-}
-
-/** Seeded xorshift32 words: the same seed gives the same bytes on every run and machine. */
-function fillRandom(bytes: Uint8Array, seed: number): void {
-  const words = new Uint32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength >>> 2)
-  let x = seed >>> 0 || 1
-  for (let i = 0; i < words.length; i++) {
-    x ^= x << 13
-    x ^= x >>> 17
-    x ^= x << 5
-    words[i] = x >>> 0
-  }
-}
-
-const pagesOf = (bytes: number) => bytes / PAGE_SIZE
 
 function hashAll(buf: Uint8Array): BigUint64Array {
   const out = new BigUint64Array(pagesOf(buf.byteLength))
@@ -113,20 +73,6 @@ function check(what: string, done: number, want: number, status: Int32Array): vo
   if (done !== want || status[0] !== Status.OK) throw new Error(`${what}: ${done} of ${want} pages, status ${status[0]}`)
 }
 
-/** Samples of one measurement; `median` is what the table and the goals use. */
-class Series {
-  readonly samples: number[] = []
-  push(v: number): void {
-    this.samples.push(v)
-  }
-  get median(): number {
-    const s = [...this.samples].sort((x, y) => x - y)
-    const mid = s.length >> 1
-    return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2
-  }
-}
-
-const series = () => new Series()
 const m = {
   read1GiBMs: series(),
   read768MiBMs: series(),
@@ -164,11 +110,9 @@ const m = {
  */
 function measureLimit(limit: Uint8Array, hashes: BigUint64Array): void {
   const half = pagesOf(HALF)
-  let r = native.comparePages(limit, 0, limit, half, half)
-  m.read1GiBMs.push(time(() => (r = native.comparePages(limit, 0, limit, half, half))))
-  if (r !== 0) throw new Error('the halves of the limit buffer differ')
-  m.read768MiBMs.push(time(() => (r = native.comparePages(limit, 0, limit, half, pagesOf(ZERO / 2)))))
-  if (r !== 0) throw new Error('the halves of the limit buffer differ')
+  readHalves(limit, half)
+  m.read1GiBMs.push(readHalves(limit, half))
+  m.read768MiBMs.push(readHalves(limit, pagesOf(ZERO / 2)))
   m.hash1GiBMs.push(time(() => native.hashPages(limit, 0, hashes.length, hashes, 0)))
 }
 
@@ -256,35 +200,13 @@ function measureZero(arena: NativeArena, shared: boolean): void {
   }
 }
 
-function machine() {
-  const thp = (f: string) => {
-    try {
-      return /\[(\w+)\]/.exec(readFileSync(`/sys/kernel/mm/transparent_hugepage/${f}`, 'utf8'))?.[1] ?? '?'
-    } catch {
-      return '?'
-    }
-  }
-  return {
-    cpu: cpus()[0]?.model ?? '?',
-    cpus: cpus().length,
-    memGiB: Math.round(totalmem() / GiB),
-    kernel: release(),
-    node: process.version,
-    thp: thp('enabled'),
-    shmemThp: thp('shmem_enabled'),
-    maxMapCount: native.maxMapCount(),
-  }
-}
-
 async function main(): Promise<void> {
   const opts = options()
   loadBefore = loadavg()[0]!
   const started = process.hrtime.bigint()
   if (opts.verbose) trace = (what) => console.error(`${(Number(process.hrtime.bigint() - started) / 1e9).toFixed(2)} s  ${what}`)
   const arena = new native.Arena()
-  const limit = new Uint8Array(arena.alloc(2 * HALF, true))
-  fillRandom(limit.subarray(0, HALF), 1)
-  limit.copyWithin(HALF, 0, HALF)
+  const limit = limitBuffer(arena, 2 * HALF)
   const hashes = new BigUint64Array(pagesOf(limit.byteLength))
   trace('limit: filled')
   for (let run = 0; run < opts.runs; run++) {
@@ -303,14 +225,6 @@ async function main(): Promise<void> {
   report(opts, seconds)
 }
 
-interface Row {
-  name: string
-  value: string
-  samples: string
-  goal?: string
-  pass?: boolean
-}
-
 function report(opts: Options, seconds: number): void {
   const med = (s: Series) => s.median
   const read1 = med(m.read1GiBMs), read768 = med(m.read768MiBMs)
@@ -325,8 +239,7 @@ function report(opts: Options, seconds: number): void {
     zeroPrivate: { value: zp, unit: 'ms', limit: GOAL.zeroVsRead * read768, goal: `<= ${GOAL.zeroVsRead} x read 768 MiB`, pass: zp <= GOAL.zeroVsRead * read768 },
   }
   if (opts.json) {
-    const samples = Object.fromEntries(Object.entries(m).map(([k, s]) => [k, { median: s.median, samples: s.samples }]))
-    console.log(JSON.stringify({ machine: machine(), loadAverage: { before: loadBefore, after: loadavg()[0] }, runs: opts.runs, seconds, measurements: samples, goals }, null, 2))
+    console.log(JSON.stringify({ machine: machine(), loadAverage: { before: loadBefore, after: loadavg()[0] }, runs: opts.runs, seconds, measurements: seriesJson(m), goals }, null, 2))
     return
   }
   const ms = (v: number) => `${v.toFixed(1)} ms`
@@ -355,14 +268,9 @@ function report(opts: Options, seconds: number): void {
     { name: '  CPU time (user + system)', value: ms(med(m.zeroPrivateCpuMs)), samples: list(m.zeroPrivateCpuMs, num) },
     { name: '  Pss freed; mappings added', value: `${mib(med(m.zeroPrivatePssFreed))}; ${med(m.zeroPrivateMapsDelta)}`, samples: list(m.zeroPrivatePssFreed, mib) },
   ]
-  const mc = machine()
   console.log(`pagemerge bridge bench: ${opts.runs} runs, medians; GB = 10^9 bytes`)
-  console.log(`${mc.cpu}, ${mc.cpus} CPUs, ${mc.memGiB} GiB, Linux ${mc.kernel}, Node ${mc.node}, THP ${mc.thp}, shmem THP ${mc.shmemThp}\n`)
-  const w = [Math.max(...rows.map((r) => r.name.length)), Math.max(...rows.map((r) => r.value.length)), Math.max(...rows.map((r) => r.samples.length)), Math.max(...rows.map((r) => (r.goal ?? '').length))]
-  const line = (c: string[]) => c.map((s, i) => (i < w.length ? s.padEnd(w[i]!) : s)).join('  ').trimEnd()
-  console.log(line(['measurement', 'median', 'runs', 'goal', 'result']))
-  console.log(line(w.map((n) => '-'.repeat(n)).concat('------')))
-  for (const r of rows) console.log(line([r.name, r.value, r.samples, r.goal ?? '', r.pass === undefined ? '' : r.pass ? 'PASS' : 'MISS']))
+  console.log(`${machineLine()}\n`)
+  printTable(rows)
   const all = Object.values(goals)
   console.log(`\n${all.filter((g) => g.pass).length} of ${all.length} goals met; ${seconds.toFixed(1)} s in all; load average ${loadBefore.toFixed(2)} before, ${loadavg()[0]!.toFixed(2)} after`)
 }

@@ -542,6 +542,17 @@ class Arena : public Napi::ObjectWrap<Arena> {
     return true;
   }
 
+  // Resolves every record (count at `countAt`) before anything changes: throws and returns false
+  // if one is out of range; a null entry means that allocation was collected.
+  bool ResolveAll(Napi::Env env, const Extents& ex, size_t stride, size_t countAt, std::vector<Allocation*>* out) {
+    out->assign(ex.n, nullptr);
+    for (size_t i = 0; i < ex.n; i++) {
+      const uint32_t* r = ex.rec + i * stride;
+      if (!CheckRange(env, i, r[0], r[1], r[countAt], &(*out)[i])) return false;
+    }
+    return true;
+  }
+
   static bool ReadBudget(const Napi::CallbackInfo& info, size_t i, double* out) {
     if (!info[i].IsNumber() || !(info[i].As<Napi::Number>().DoubleValue() >= 0)) {
       ThrowType(info.Env(), code::INVALID_ARG, "budget must be a non-negative number of mappings");
@@ -564,11 +575,8 @@ class Arena : public Napi::ObjectWrap<Arena> {
     uint32_t* poolOut = reinterpret_cast<uint32_t*>(outPool.data);
     ArenaLock lock(*core_);
     ArenaCore& c = *core_;
-    std::vector<Allocation*> alloc(ex.n);
-    for (size_t i = 0; i < ex.n; i++) {
-      const uint32_t* r = ex.rec + i * 3;
-      if (!CheckRange(env, i, r[0], r[1], r[2], &alloc[i])) return Napi::Value();
-    }
+    std::vector<Allocation*> alloc;
+    if (!ResolveAll(env, ex, 3, 2, &alloc)) return Napi::Value();
     uint64_t done = 0;
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 3;
@@ -628,10 +636,10 @@ class Arena : public Napi::ObjectWrap<Arena> {
     if (!ReadExtents(info, 4, true, &ex) || !ReadBudget(info, 2, &budget)) return Napi::Value();
     ArenaLock lock(*core_);
     ArenaCore& c = *core_;
-    std::vector<Allocation*> alloc(ex.n);
+    std::vector<Allocation*> alloc;
+    if (!ResolveAll(env, ex, 4, 3, &alloc)) return Napi::Value();
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 4;
-      if (!CheckRange(env, i, r[0], r[1], r[3], &alloc[i])) return Napi::Value();
       if (!c.PoolLive(r[2], r[3]))
         return ThrowRange(env, code::NOT_POOL_PAGE,
                           "extent " + std::to_string(i) + " names pool pages " + std::to_string(r[2]) + "+" +
@@ -676,11 +684,8 @@ class Arena : public Napi::ObjectWrap<Arena> {
     if (!ReadExtents(info, 3, true, &ex) || !ReadBudget(info, 2, &budget)) return Napi::Value();
     ArenaLock lock(*core_);
     ArenaCore& c = *core_;
-    std::vector<Allocation*> alloc(ex.n);
-    for (size_t i = 0; i < ex.n; i++) {
-      const uint32_t* r = ex.rec + i * 3;
-      if (!CheckRange(env, i, r[0], r[1], r[2], &alloc[i])) return Napi::Value();
-    }
+    std::vector<Allocation*> alloc;
+    if (!ResolveAll(env, ex, 3, 2, &alloc)) return Napi::Value();
     uint64_t done = 0;
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 3;
@@ -726,11 +731,8 @@ class Arena : public Napi::ObjectWrap<Arena> {
     double budget;
     if (!ReadExtents(info, 3, true, &ex) || !ReadBudget(info, 2, &budget)) return Napi::Value();
     ArenaLock lock(*core_);
-    std::vector<Allocation*> alloc(ex.n);
-    for (size_t i = 0; i < ex.n; i++) {
-      const uint32_t* r = ex.rec + i * 3;
-      if (!CheckRange(env, i, r[0], r[1], r[2], &alloc[i])) return Napi::Value();
-    }
+    std::vector<Allocation*> alloc;
+    if (!ResolveAll(env, ex, 3, 2, &alloc)) return Napi::Value();
     uint64_t done = 0;
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 3;
@@ -798,11 +800,8 @@ class Arena : public Napi::ObjectWrap<Arena> {
     }
     ArenaLock lock(*core_);
     ArenaCore& c = *core_;
-    std::vector<Allocation*> alloc(ex.n);
-    for (size_t i = 0; i < ex.n; i++) {
-      const uint32_t* r = ex.rec + i * 3;
-      if (!CheckRange(env, i, r[0], r[1], r[2], &alloc[i])) return Napi::Value();
-    }
+    std::vector<Allocation*> alloc;
+    if (!ResolveAll(env, ex, 3, 2, &alloc)) return Napi::Value();
     int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
     if (fd < 0) return ThrowErrno(env, errno, "open", "cannot open /proc/self/pagemap");
     uint64_t reaped = 0;

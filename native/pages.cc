@@ -87,23 +87,33 @@ uint64_t HashPage(const uint8_t* page) { return XXH3_64bits(page, kPage); }
 
 namespace {
 
+// The arguments hashPages and hashAt share: (_, firstPage, count, out: BigUint64Array, outIndex).
+// Sets where the count hashes go; throws and returns false on bad input.
+bool HashArgs(const Napi::CallbackInfo& info, uint64_t* first, uint64_t* count, uint64_t** hashes) {
+  uint64_t outIndex;
+  if (!ArgIndex(info, 1, "firstPage", 9007199254740991.0, first)) return false;
+  if (!ArgIndex(info, 2, "count", 9007199254740991.0, count)) return false;
+  if (!ArgIndex(info, 4, "outIndex", 9007199254740991.0, &outIndex)) return false;
+  Bytes out;
+  if (GetBytes(info[3], &out) != ViewKind::kBigUint64) {
+    ThrowType(info.Env(), code::INVALID_ARG, "out must be a BigUint64Array");
+    return false;
+  }
+  if (outIndex > out.length / 8 || *count > out.length / 8 - outIndex) {
+    ThrowRange(info.Env(), code::OUT_OF_RANGE, "out is too short for count hashes at outIndex");
+    return false;
+  }
+  *hashes = reinterpret_cast<uint64_t*>(out.data) + outIndex;
+  return true;
+}
+
 // hashPages(buffer, firstPage, count, out: BigUint64Array, outIndex) -> count
 Napi::Value HashPages(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  uint64_t first, count, outIndex;
-  if (!ArgIndex(info, 1, "firstPage", 9007199254740991.0, &first)) return Napi::Value();
-  if (!ArgIndex(info, 2, "count", 9007199254740991.0, &count)) return Napi::Value();
-  if (!ArgIndex(info, 4, "outIndex", 9007199254740991.0, &outIndex)) return Napi::Value();
-  Bytes out;
-  if (GetBytes(info[3], &out) != ViewKind::kBigUint64)
-    return ThrowType(env, code::INVALID_ARG, "out must be a BigUint64Array");
-  if (outIndex > out.length / 8 || count > out.length / 8 - outIndex)
-    return ThrowRange(env, code::OUT_OF_RANGE, "out is too short for count hashes at outIndex");
+  uint64_t first, count, *h;
   const uint8_t* p;
-  if (!PageRange(info, 0, "buffer", first, count, &p)) return Napi::Value();
-  uint64_t* h = reinterpret_cast<uint64_t*>(out.data) + outIndex;
+  if (!HashArgs(info, &first, &count, &h) || !PageRange(info, 0, "buffer", first, count, &p)) return Napi::Value();
   for (uint64_t i = 0; i < count; i++) h[i] = HashPage(p + i * kPage);
-  return Napi::Number::New(env, static_cast<double>(count));
+  return Napi::Number::New(info.Env(), static_cast<double>(count));
 }
 
 // comparePages(a, pageA, b, pageB, count = 1) -> -1 | 0 | 1, in memcmp order
@@ -127,18 +137,10 @@ Napi::Value HashAt(const Napi::CallbackInfo& info) {
   bool lossless;
   if (!info[0].IsBigInt()) return ThrowType(env, code::INVALID_ARG, "address must be a bigint");
   uint64_t address = info[0].As<Napi::BigInt>().Uint64Value(&lossless);
-  uint64_t first, count, outIndex;
-  if (!ArgIndex(info, 1, "firstPage", 9007199254740991.0, &first)) return Napi::Value();
-  if (!ArgIndex(info, 2, "count", 9007199254740991.0, &count)) return Napi::Value();
-  if (!ArgIndex(info, 4, "outIndex", 9007199254740991.0, &outIndex)) return Napi::Value();
-  Bytes out;
-  if (GetBytes(info[3], &out) != ViewKind::kBigUint64)
-    return ThrowType(env, code::INVALID_ARG, "out must be a BigUint64Array");
-  if (outIndex > out.length / 8 || count > out.length / 8 - outIndex)
-    return ThrowRange(env, code::OUT_OF_RANGE, "out is too short for count hashes at outIndex");
+  uint64_t first, count, *h;
+  if (!HashArgs(info, &first, &count, &h)) return Napi::Value();
   if (!lossless || address % kPage || first > (UINT64_MAX - address) / kPage)
     return ThrowRange(env, code::MISALIGNED, "address must be a page-aligned address");
-  uint64_t* h = reinterpret_cast<uint64_t*>(out.data) + outIndex;
   bool ok = WithRegistered(static_cast<uintptr_t>(address + first * kPage), count * kPage, [&](const uint8_t* p) {
     for (uint64_t i = 0; i < count; i++) h[i] = HashPage(p + i * kPage);
   });

@@ -1,0 +1,156 @@
+/**
+ * What the benchmarks share: seeded bytes, timing, medians of runs, collecting buffers between
+ * measurements, the machine line and the results table (goal and PASS/MISS columns).
+ */
+import { cpus, release, totalmem } from 'node:os'
+import { readFileSync } from 'node:fs'
+import { loadNative, PAGE_SIZE, type NativeArena } from '../lib/native'
+
+export const MiB = 1024 * 1024
+export const GiB = 1024 * MiB
+export const GB = 1e9
+
+export const pagesOf = (bytes: number) => bytes / PAGE_SIZE
+
+/** An integer option (`--name`) from `min` to `max`, or a RangeError that says so. */
+export function integerOption(name: string, value: string | undefined, min: number, max: number): number {
+  const n = Number(value)
+  if (value === undefined || !Number.isInteger(n) || n < min || n > max) throw new RangeError(`--${name} must be an integer from ${min} to ${max}`)
+  return n
+}
+
+const gc = (globalThis as { gc?: () => void }).gc
+
+/**
+ * Runs full GCs, 10 ms apart (backing stores are freed on V8's sweeper), until `done()` holds
+ * or 500 tries have passed; returns `done()`. `script` names the npm script for the error
+ * without --expose-gc.
+ */
+export async function gcUntil(done: () => boolean, script: string): Promise<boolean> {
+  if (!gc) throw new Error(`run with node --expose-gc (npm run ${script} does)`)
+  for (let i = 0; i < 500 && !done(); i++) {
+    gc()
+    await new Promise((r) => setTimeout(r, 10))
+  }
+  return done()
+}
+
+/** Runs `rounds` full GCs, 10 ms apart: what an earlier measurement left behind is gone before the next one reads the OS's counters. */
+export async function gcRounds(rounds: number, script: string): Promise<void> {
+  let left = rounds
+  await gcUntil(() => left-- <= 0, script)
+}
+
+/** Milliseconds `f` takes, by the monotonic clock. */
+export function time(f: () => void): number {
+  const start = process.hrtime.bigint()
+  f()
+  return Number(process.hrtime.bigint() - start) / 1e6
+}
+
+/** Milliseconds of CPU (user + system, all threads) `f` takes: far below wall time means the machine was busy. */
+export function cpuTime(f: () => void): number {
+  const start = process.cpuUsage()
+  f()
+  const d = process.cpuUsage(start)
+  return (d.user + d.system) / 1e3
+}
+
+/** Seeded xorshift32 words: the same seed gives the same bytes on every run and machine. */
+export function fillRandom(bytes: Uint8Array, seed: number): void {
+  const words = new Uint32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength >>> 2)
+  let x = seed >>> 0 || 1
+  for (let i = 0; i < words.length; i++) {
+    x ^= x << 13
+    x ^= x >>> 17
+    x ^= x << 5
+    words[i] = x >>> 0
+  }
+}
+
+/**
+ * The limit's buffer: `bytes` of the arena's shared kind (a memfd window, as pm.alloc gives)
+ * whose two halves hold the same seeded random bytes.
+ */
+export function limitBuffer(arena: NativeArena, bytes: number): Uint8Array {
+  const limit = new Uint8Array(arena.alloc(bytes, true))
+  fillRandom(limit.subarray(0, bytes / 2), 1)
+  limit.copyWithin(bytes / 2, 0, bytes / 2)
+  return limit
+}
+
+/**
+ * Milliseconds to read `pages` pages of each half of a limitBuffer once: memcmp (`comparePages`)
+ * reads every byte of both, from two distinct address ranges (nothing to short-circuit), writes
+ * nothing and maps nothing: a pure read pass of 2 x `pages` pages on one core.
+ */
+export function readHalves(limit: Uint8Array, pages: number): number {
+  let r = 0
+  const ms = time(() => (r = loadNative().comparePages(limit, 0, limit, pagesOf(limit.byteLength) / 2, pages)))
+  if (r !== 0) throw new Error('the halves of the limit buffer differ')
+  return ms
+}
+
+/** Samples of one measurement; `median` is what the table and the goals use. */
+export class Series {
+  readonly samples: number[] = []
+  push(v: number): void {
+    this.samples.push(v)
+  }
+  get median(): number {
+    const s = [...this.samples].sort((x, y) => x - y)
+    const mid = s.length >> 1
+    return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2
+  }
+}
+
+export const series = () => new Series()
+
+/** Every series as `{ median, samples }`, for --json. */
+export function seriesJson(m: Record<string, Series>): Record<string, { median: number; samples: number[] }> {
+  return Object.fromEntries(Object.entries(m).map(([k, s]) => [k, { median: s.median, samples: s.samples }]))
+}
+
+export function machine() {
+  const thp = (f: string) => {
+    try {
+      return /\[(\w+)\]/.exec(readFileSync(`/sys/kernel/mm/transparent_hugepage/${f}`, 'utf8'))?.[1] ?? '?'
+    } catch {
+      return '?'
+    }
+  }
+  return {
+    cpu: cpus()[0]?.model ?? '?',
+    cpus: cpus().length,
+    memGiB: Math.round(totalmem() / GiB),
+    kernel: release(),
+    node: process.version,
+    thp: thp('enabled'),
+    shmemThp: thp('shmem_enabled'),
+    maxMapCount: loadNative().maxMapCount(),
+  }
+}
+
+/** The line under a bench's title: what the numbers were measured on. */
+export function machineLine(): string {
+  const mc = machine()
+  return `${mc.cpu}, ${mc.cpus} CPUs, ${mc.memGiB} GiB, Linux ${mc.kernel}, Node ${mc.node}, THP ${mc.thp}, shmem THP ${mc.shmemThp}`
+}
+
+export interface Row {
+  name: string
+  value: string
+  samples: string
+  goal?: string
+  /** PASS or MISS; `undefined` leaves the result empty, a string is printed as it is. */
+  pass?: boolean | string
+}
+
+/** The results table: measurement, median, each run's sample, goal, result. */
+export function printTable(rows: Row[]): void {
+  const w = [Math.max(...rows.map((r) => r.name.length)), Math.max(...rows.map((r) => r.value.length)), Math.max(...rows.map((r) => r.samples.length)), Math.max(...rows.map((r) => (r.goal ?? '').length))]
+  const line = (c: string[]) => c.map((s, i) => (i < w.length ? s.padEnd(w[i]!) : s)).join('  ').trimEnd()
+  console.log(line(['measurement', 'median', 'runs', 'goal', 'result']))
+  console.log(line(w.map((n) => '-'.repeat(n)).concat('------')))
+  for (const r of rows) console.log(line([r.name, r.value, r.samples, r.goal ?? '', r.pass === undefined ? '' : r.pass === true ? 'PASS' : r.pass === false ? 'MISS' : r.pass]))
+}
