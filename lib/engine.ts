@@ -68,6 +68,8 @@ const Plan = { NONE: 0, ZERO: 1, STABLE: 2 } as const
 
 /** The compiled worker: beside lib/ in dist/, or in dist/ when lib/ runs from source (tests under a TypeScript loader). */
 const WORKER_FILE = [join(__dirname, '..', 'workers', 'hash.js'), join(__dirname, '..', 'dist', 'workers', 'hash.js')].find((f) => existsSync(f)) ?? join(__dirname, '..', 'workers', 'hash.js')
+/** Batches smaller than this are hashed on the coordinator thread (see hash()). */
+const INLINE_PAGES = 1024
 /** Pages per batch in mergeNow(): large enough to amortize a round trip to the workers. */
 const MERGE_NOW_BATCH = 1 << 16
 
@@ -468,10 +470,23 @@ export class Engine {
     })
   }
 
-  /** Hashes the batch: one task per worker, and the coordinator takes a share itself. */
+  /**
+   * Hashes the batch: one share per worker thread and one for the coordinator, which would
+   * otherwise wait. A batch smaller than INLINE_PAGES is hashed here alone: a round trip to a
+   * worker (task cloned, views made, reply awaited) costs more than hashing it.
+   */
   private async hash(shards: Shard[], pages: number): Promise<void> {
-    const parts = this.options.workers + 1
-    const per = Math.ceil(pages / parts)
+    const common = {
+      keys: this.pages.words.buffer as SharedArrayBuffer,
+      flags: this.pages.flags.buffer as SharedArrayBuffer,
+      candidates: this.candidates.buffer as SharedArrayBuffer,
+      stable: this.stable.view(),
+    }
+    if (pages < INLINE_PAGES) {
+      hashShards({ ...common, shards })
+      return
+    }
+    const per = Math.ceil(pages / (this.options.workers + 1))
     const tasks: Shard[][] = [[]]
     let room = per
     for (const sh of shards) {
@@ -483,17 +498,11 @@ export class Engine {
         if (room === 0) tasks.push([]), (room = per)
       }
     }
-    const common = {
-      keys: this.pages.words.buffer as SharedArrayBuffer,
-      flags: this.pages.flags.buffer as SharedArrayBuffer,
-      candidates: this.candidates.buffer as SharedArrayBuffer,
-      stable: this.stable.view(),
-    }
     const filled = tasks.filter((t) => t.length > 0)
-    const mine = filled.length > 1 ? filled.pop()! : undefined
-    const pool = filled.length > 0 && (mine || pages > 64) ? this.workerPool() : undefined
-    const running = filled.map((t) => (pool ? pool.run({ ...common, shards: t } satisfies HashTask) : Promise.resolve(hashShards({ ...common, shards: t }))))
-    if (mine) hashShards({ ...common, shards: mine })
+    const mine = filled.pop()! // the coordinator's share
+    const pool = this.workerPool()
+    const running = filled.map((t) => pool.run({ ...common, shards: t } satisfies HashTask))
+    hashShards({ ...common, shards: mine })
     await Promise.all(running)
   }
 
@@ -504,13 +513,12 @@ export class Engine {
     const st = this.stable
     const useZero = this.options.useZeroPages
     const owners: number[] = []
-    const live = new Set(held.filter((r) => this.byId.get(r.id) === r))
     // Unstable entries that can no longer pair: merged (their words hold a node), pending, dropped.
     const busy = Flag.MERGED | Flag.PENDING | Flag.ZERO
     shards.forEach((sh, i) => {
       const r = held[i]!
       plan.fill(Plan.NONE, sh.batchIndex, sh.batchIndex + sh.count)
-      if (!live.has(r)) return // unregistered while its pages were being hashed
+      if (this.byId.get(r.id) !== r) return // unregistered while its pages were being hashed
       this.c.pagesScanned += sh.count
       const zeroLo = (zero.lo ^ sh.mixLo) >>> 0, zeroHi = (zero.hi ^ sh.mixHi) >>> 0
       for (let k = 0; k < sh.count; k++) {
@@ -585,6 +593,7 @@ export class Engine {
 
   /** Makes the planned stable pages: each run of owners' pages becomes pool pages in place. Returns nodes that failed. */
   private applyOwners(owners: number[]): number[] {
+    if (owners.length === 0) return []
     const { flags, words } = this.pages
     owners.sort((a, b) => a - b)
     const ext: number[] = []

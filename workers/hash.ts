@@ -1,46 +1,59 @@
 // Worker thread: hashes shards of pages through the addon and searches the stable table
-// read-only. Stateless: everything it needs arrives in the task.
+// read-only. Stateless but for the typed-array views it keeps over the shared arrays it was last
+// given (made anew when the engine grows them), since a batch can be as small as 100 pages.
 import { loadNative } from '../lib/native'
 import { Flag, probeStart, type HashResult, type HashTask } from '../lib/protocol'
 
 const native = loadNative()
+const { MERGED, ZERO, TOUCHED, HASHED, CHANGED, NEW } = Flag
 
 /** Not hashed: merged pages (their bytes are the pool's), and dropped zero pages nobody touched
  * (reading one could allocate it again). */
-const skip = (f: number) => (f & Flag.MERGED) !== 0 || (f & (Flag.ZERO | Flag.TOUCHED)) === Flag.ZERO
+const skip = (f: number) => (f & MERGED) !== 0 || (f & (ZERO | TOUCHED)) === ZERO
+
+const views = new Map<SharedArrayBuffer, Uint32Array | Int32Array | Uint8Array | BigUint64Array>()
+function view<T extends Uint32Array | Int32Array | Uint8Array | BigUint64Array>(sab: SharedArrayBuffer, make: new (b: SharedArrayBuffer) => T): T {
+  let v = views.get(sab)
+  if (!(v instanceof make)) {
+    if (views.size > 16) views.clear() // only the current arrays matter
+    views.set(sab, (v = new make(sab)))
+  }
+  return v as T
+}
 
 export default function hash(task: HashTask): HashResult {
-  const hashes = new BigUint64Array(task.keys)
-  const words = new Uint32Array(task.keys)
-  const flags = new Uint8Array(task.flags)
-  const candidates = new Int32Array(task.candidates)
-  const table = new Int32Array(task.stable.table)
-  const nodeLo = new Uint32Array(task.stable.keyLo)
-  const nodeHi = new Uint32Array(task.stable.keyHi)
+  const hashes = new BigUint64Array(task.keys) // a second view of the same bytes (cached one is Uint32)
+  const words = view(task.keys, Uint32Array)
+  const flags = view(task.flags, Uint8Array)
+  const candidates = view(task.candidates, Int32Array)
+  const table = view(task.stable.table, Int32Array)
+  const nodeLo = view(task.stable.keyLo, Uint32Array)
+  const nodeHi = view(task.stable.keyHi, Uint32Array)
   const { secret } = task.stable
   const mask = table.length - 1
   const bits = 31 - Math.clz32(table.length)
   let hashed = 0
   for (const shard of task.shards) {
+    const { slot, batchIndex, mixLo, mixHi } = shard
     for (let i = 0; i < shard.count; ) {
-      if (skip(flags[shard.slot + i]!)) {
-        candidates[shard.batchIndex + i] = -1
+      if (skip(flags[slot + i]!)) {
+        candidates[batchIndex + i] = -1
         i++
         continue
       }
       let end = i // each maximal run of pages to hash, in one native call
-      while (end < shard.count && !skip(flags[shard.slot + end]!)) end++
-      const old = words.slice(2 * (shard.slot + i), 2 * (shard.slot + end))
-      native.hashAt(shard.address, shard.firstPage + i, end - i, hashes, shard.slot + i)
+      while (end < shard.count && !skip(flags[slot + end]!)) end++
+      const old = words.slice(2 * (slot + i), 2 * (slot + end))
+      native.hashAt(shard.address, shard.firstPage + i, end - i, hashes, slot + i)
       hashed += end - i
       for (let k = i; k < end; k++) {
-        const s = shard.slot + k
-        const lo = (words[2 * s]! ^ shard.mixLo) >>> 0, hi = (words[2 * s + 1]! ^ shard.mixHi) >>> 0
+        const s = slot + k
+        const lo = (words[2 * s]! ^ mixLo) >>> 0, hi = (words[2 * s + 1]! ^ mixHi) >>> 0
         words[2 * s] = lo
         words[2 * s + 1] = hi
         const f = flags[s]!
         const same = old[2 * (k - i)] === lo && old[2 * (k - i) + 1] === hi
-        flags[s] = (f & ~(Flag.CHANGED | Flag.NEW)) | Flag.HASHED | (!(f & Flag.HASHED) ? Flag.NEW : same ? 0 : Flag.CHANGED)
+        flags[s] = (f & ~(CHANGED | NEW)) | HASHED | (!(f & HASHED) ? NEW : same ? 0 : CHANGED)
         let found = -1
         for (let p = probeStart(lo, secret, bits); ; p = (p + 1) & mask) {
           const e = table[p]!
@@ -50,7 +63,7 @@ export default function hash(task: HashTask): HashResult {
             break
           }
         }
-        candidates[shard.batchIndex + k] = found
+        candidates[batchIndex + k] = found
       }
       i = end
     }
