@@ -57,7 +57,7 @@ export function cpuTime(f: () => void): number {
 }
 
 /** Seeded xorshift32 words: the same seed gives the same bytes on every run and machine. */
-export function fillRandom(bytes: Uint8Array, seed: number): void {
+export function fillRandom<T extends Uint8Array>(bytes: T, seed: number): T {
   const words = new Uint32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength >>> 2)
   let x = seed >>> 0 || 1
   for (let i = 0; i < words.length; i++) {
@@ -66,6 +66,7 @@ export function fillRandom(bytes: Uint8Array, seed: number): void {
     x ^= x << 5
     words[i] = x >>> 0
   }
+  return bytes
 }
 
 /**
