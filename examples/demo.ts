@@ -232,7 +232,8 @@ async function main(): Promise<void> {
     ['CPU (all threads)', '', secs((cpu.user + cpu.system) / 1000)],
   ]
   for (const [name, a, b = '', c = ''] of rows) console.log(`${name.padEnd(20)}${a.padStart(12)}${b.padStart(12)}${c.padStart(12)}`)
-  console.log(`(after includes the ${pm.options.workers} hashing worker thread(s) that mergeNow() started)`)
+  console.log(`(after includes the ${pm.options.workers} hashing worker thread(s) that mergeNow() started;`)
+  console.log(' Rss counts a merged page once per buffer that maps it, so it does not fall: Pss shares it out)')
   console.log()
   if (stats.pagesSkippedBudget > 0) {
     // Every pm.alloc() buffer is at least one kernel mapping, and merges stay under options.mapBudget.
