@@ -410,7 +410,8 @@ export class Engine {
       const buffer = r.ref.deref()
       const count = Math.min(max - taken, r.pages - this.cursor.page)
       if (buffer && count > 0) {
-        shards.push({ address: this.native.addressOf(buffer), firstPage: this.cursor.page, count, slot: r.slot + this.cursor.page, batchIndex: taken, mixLo: this.mixOf(r).lo, mixHi: this.mixOf(r).hi })
+        const mix = this.mixOf(r)
+        shards.push({ address: this.native.addressOf(buffer), firstPage: this.cursor.page, count, slot: r.slot + this.cursor.page, batchIndex: taken, mixLo: mix.lo, mixHi: mix.hi })
         held.push(r)
         buffers.push(buffer)
         taken += count

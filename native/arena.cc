@@ -141,7 +141,10 @@ struct ArenaCore {
   std::chrono::steady_clock::time_point counted;
   uint64_t poolPages = 0, poolMappings = 0, trackedPages = 0, punchFailures = 0;
 
+  int pagemapFd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);  // kept open: read every batch
+
   ~ArenaCore() {
+    if (pagemapFd >= 0) close(pagemapFd);
     if (base) munmap(base, reservePages * kPage);
     if (fd >= 0) close(fd);
   }
@@ -802,8 +805,8 @@ class Arena : public Napi::ObjectWrap<Arena> {
     ArenaCore& c = *core_;
     std::vector<Allocation*> alloc;
     if (!ResolveAll(env, ex, 3, 2, &alloc)) return Napi::Value();
-    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return ThrowErrno(env, errno, "open", "cannot open /proc/self/pagemap");
+    int fd = c.pagemapFd;
+    if (fd < 0) return ThrowErrno(env, ENOENT, "open", "cannot open /proc/self/pagemap");
     uint64_t reaped = 0;
     std::vector<uint64_t> entries;
     for (size_t i = 0; i < ex.n; i++) {
@@ -814,11 +817,8 @@ class Arena : public Napi::ObjectWrap<Arena> {
       uint64_t page = r[1], count = r[2];
       entries.assign(count, 0);
       off_t at = static_cast<off_t>(reinterpret_cast<uintptr_t>(a->base + page * kPage) / kPage * 8);
-      if (pread(fd, entries.data(), count * 8, at) != static_cast<ssize_t>(count * 8)) {
-        int err = errno ? errno : EIO;
-        close(fd);
-        return ThrowErrno(env, err, "pread", "cannot read /proc/self/pagemap");
-      }
+      if (pread(fd, entries.data(), count * 8, at) != static_cast<ssize_t>(count * 8))
+        return ThrowErrno(env, errno ? errno : EIO, "pread", "cannot read /proc/self/pagemap");
       for (uint64_t k = 0; k < count; k++) {
         uint64_t e = entries[k];
         bool present = e >> 63 & 1, swapped = e >> 62 & 1, file = e >> 61 & 1;
@@ -829,7 +829,6 @@ class Arena : public Napi::ObjectWrap<Arena> {
         }
       }
     }
-    close(fd);
     return Napi::Number::New(env, static_cast<double>(reaped));
   }
 
