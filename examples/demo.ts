@@ -236,10 +236,10 @@ async function main(): Promise<void> {
   console.log(' Rss counts a merged page once per buffer that maps it, so it does not fall: Pss shares it out)')
   console.log()
   if (stats.pagesSkippedBudget > 0) {
-    // Every pm.alloc() buffer is at least one kernel mapping, and merges stay under options.mapBudget.
+    // Each merged run of pages can cut the buffers' shared mappings, and merges stay under options.mapBudget.
     console.log(
       `note: ${int(stats.pagesSkippedBudget)} pages were not merged for lack of mapping budget: the process has ` +
-        `${int(mappingCount())} kernel mappings (one or more per buffer, ${int(args.tenants * files.length)} buffers) ` +
+        `${int(mappingCount())} kernel mappings (merging ${int(args.tenants * files.length)} small buffers cuts their shared mappings apart) ` +
         `and options.mapBudget is ${int(pm.options.mapBudget)}. Fewer, larger buffers (or a smaller --size) stay within it.`,
     )
     console.log()

@@ -318,7 +318,7 @@ export class Engine {
     return this.exclusive(async () => {
       this.cursor = { region: 0, page: 0 }
       this.endScan(false)
-      for (let scans = 0; ; scans++) {
+      for (;;) {
         let wrapped = false
         while (!wrapped) wrapped = (await this.batch(MERGE_NOW_BATCH, true)) || this.regions.length === 0
         const merged = this.c.mergedThisScan
