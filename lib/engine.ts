@@ -112,6 +112,8 @@ export class Engine {
   private readonly byId = new Map<number, Region>()
   private readonly domains = new Map<string, number>([['', 0]])
   private freeSlots: Array<[number, number]> = []
+  /** Slots of regions dropped while a batch was being hashed: workers may still write to them. */
+  private freedInBatch: Array<[number, number]> | undefined
   private slotTop = 0
   private readonly finalizer = new FinalizationRegistry<number>((id) => this.forget(id))
   private pool: Piscina | undefined
@@ -252,7 +254,7 @@ export class Engine {
     this.regions.splice(at, 1)
     if (this.cursor.region > at) this.cursor.region-- // the cursor stays on its region
     else if (this.cursor.region === at) this.cursor.page = 0 // its region is gone: on to the next
-    this.freeSlots.push([region.slot, region.pages])
+    ;(this.freedInBatch ?? this.freeSlots).push([region.slot, region.pages])
   }
 
   /** Index of the first region whose slots start at or after `slot` (regions are in slot order). */
@@ -425,7 +427,13 @@ export class Engine {
     }
     if (shards.length === 0) return wrapped
     this.survey(shards, held, buffers)
-    await this.hash(shards, taken)
+    this.freedInBatch = []
+    try {
+      await this.hash(shards, taken)
+    } finally {
+      this.freeSlots.push(...this.freedInBatch)
+      this.freedInBatch = undefined
+    }
     this.process(shards, held, mergeNow)
     return wrapped
   }
