@@ -256,3 +256,25 @@ t.test('freed address ranges are reused once no pool page in them is live', asyn
   t.ok(c.every((x) => x === 0), 'the whole arena is usable again, zeroed')
   t.equal(arena.stats().poolPages, 0)
 })
+
+t.test('a merged run split by unmerging its middle keeps both ends mapped right', async (t) => {
+  const arena = new native.Arena()
+  const { a, b } = pair(arena, 64 * PAGE, 10)
+  const pool = mergePair(arena, a, b)
+  const status = new Int32Array(1)
+  t.equal(arena.unmerge(new Uint32Array([arena.idOf(b), 20, 10]), status, BUDGET), 10)
+  b[25 * PAGE] = b[25 * PAGE]! ^ 1 // the middle is private now
+  b[40 * PAGE] = b[40 * PAGE]! ^ 1 // and one page on the right is written
+  t.equal(arena.reapWritten(new Uint32Array([arena.idOf(b), 0, 64])), 1)
+  const states = new Uint8Array(64), pools = new Uint32Array(64)
+  arena.pageStates(b, 0, 64, states, pools)
+  const want = (i: number) => (i >= 20 && i < 30 ? [PageState.ANON, NO_POOL] : i === 40 ? [PageState.WRITTEN, NO_POOL] : [PageState.MERGED, pool + i])
+  t.ok([...states].every((s, i) => s === want(i)[0] && pools[i] === want(i)[1]), 'each page says what it maps')
+  const refs = new Uint32Array(64)
+  arena.poolRefs(pool, 64, refs)
+  t.same([...refs], Array.from({ length: 64 }, (_, i) => ((i >= 20 && i < 30) || i === 40 ? 1 : 2)), 'each pool page counts its mappings')
+  t.equal(digest(a), digest(fillRandom(new Uint8Array(64 * PAGE), 10)), 'a reads its bytes')
+  t.equal(b[25 * PAGE], a[25 * PAGE]! ^ 1)
+  t.equal(b[40 * PAGE], a[40 * PAGE]! ^ 1)
+  t.equal(Buffer.compare(Buffer.from(a.buffer, 41 * PAGE, 23 * PAGE), Buffer.from(b.buffer, 41 * PAGE, 23 * PAGE)), 0, 'the right end still reads the pool')
+})
