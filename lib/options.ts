@@ -29,7 +29,8 @@ export interface PageMergerOptions {
   sleepMillisecs?: number
   /**
    * Most buffers' pages that may share one physical page, like `/sys/kernel/mm/ksm/max_page_sharing`.
-   * An integer from 2 to 2147483647, as the kernel allows.
+   * An integer from 2 to 65535 (the kernel allows more; sharer counts are kept in 16 bits, and
+   * a stable page shared 65535 times is already far past the default).
    * @defaultValue 256
    */
   maxPageSharing?: number
@@ -56,6 +57,9 @@ export interface PageMergerOptions {
 /** Options with every default filled in, as `resolveOptions` returns them (frozen). */
 export type ResolvedOptions = Required<PageMergerOptions>
 
+/** The largest maxPageSharing: sharer counts are kept in 16 bits (lib/tables.ts). */
+export const MAX_PAGE_SHARING = 0xffff
+
 type Key = keyof ResolvedOptions
 
 type Rule =
@@ -71,7 +75,7 @@ const RULES: { readonly [K in Key]: Rule } = {
   workers: { kind: 'integer', min: 1, max: MAX_WORKERS },
   pagesToScan: { kind: 'integer', min: 1, max: UINT32_MAX },
   sleepMillisecs: { kind: 'integer', min: 0, max: INT32_MAX },
-  maxPageSharing: { kind: 'integer', min: 2, max: INT32_MAX },
+  maxPageSharing: { kind: 'integer', min: 2, max: MAX_PAGE_SHARING },
   useZeroPages: { kind: 'boolean' },
   mapBudget: { kind: 'integer', min: 1, max: Number.MAX_SAFE_INTEGER },
   mergeAcrossDomains: { kind: 'boolean' },

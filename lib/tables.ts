@@ -110,7 +110,8 @@ export class StableNodes extends Table {
   keyLo = sabUint32(1024)
   keyHi = sabUint32(1024)
   pool = sabUint32(1024)
-  sharers = sabUint32(1024)
+  /** Pages mapping each node, planned ones included (maxPageSharing ≤ 65535 keeps it in 16 bits). */
+  sharers = new Uint16Array(1024)
   /** Next node in a chain of dups with the same content (maxPageSharing): rare, so a Map. */
   private readonly dups = new Map<number, number>()
   /** Nodes in use. */
@@ -207,11 +208,13 @@ export class StableNodes extends Table {
     this.keyLo = copy(this.keyLo)
     this.keyHi = copy(this.keyHi)
     this.pool = copy(this.pool)
-    this.sharers = copy(this.sharers)
+    const sharers = new Uint16Array(capacity)
+    sharers.set(this.sharers)
+    this.sharers = sharers
   }
 
   override bytes(): number {
-    return super.bytes() + this.capacity * 16 + this.dups.size * 16
+    return super.bytes() + this.capacity * 14 + this.dups.size * 16
   }
 }
 

@@ -38,7 +38,7 @@ const INTEGERS = {
   workers: { min: 1, max: 256 },
   pagesToScan: { min: 1, max: 2 ** 32 - 1 },
   sleepMillisecs: { min: 0, max: 2 ** 31 - 1 },
-  maxPageSharing: { min: 2, max: 2 ** 31 - 1 },
+  maxPageSharing: { min: 2, max: 65535 },
   mapBudget: { min: 1, max: Number.MAX_SAFE_INTEGER },
 } as const
 const BOOLEANS = ['useZeroPages', 'mergeAcrossDomains'] as const
