@@ -52,6 +52,19 @@ export interface BufferStats {
   domain: string
 }
 
+/** One batch of pages: the shards, the regions and buffers it holds alive, where its candidates go. */
+interface Batch {
+  shards: Shard[]
+  held: Region[]
+  buffers: SharedArrayBuffer[]
+  pages: number
+  /** This batch ends a full scan. */
+  wrapped: boolean
+  candidates: Int32Array
+  /** Settles when the batch is hashed. */
+  hashed?: Promise<void>
+}
+
 interface Region {
   /** The arena's id for the allocation. */
   id: number
@@ -113,7 +126,7 @@ export class Engine {
   private readonly domains = new Map<string, number>([['', 0]])
   private freeSlots: Array<[number, number]> = []
   /** Slots of regions dropped while a batch was being hashed: workers may still write to them. */
-  private freedInBatch: Array<[number, number]> | undefined
+  private freedInBatch: Array<[number, number]> = []
   private slotTop = 0
   private readonly finalizer = new FinalizationRegistry<number>((id) => this.forget(id))
   private pool: Piscina | undefined
@@ -128,7 +141,11 @@ export class Engine {
   private failure: unknown
   private closed = false
   private readonly zero: { lo: number; hi: number }
-  private candidates = new Int32Array(new SharedArrayBuffer(4 * MERGE_NOW_BATCH))
+  /** Two candidate arrays: in mergeNow() the workers hash one batch while the next is processed. */
+  private candidates = [0, 1].map(() => new Int32Array(new SharedArrayBuffer(4 * MERGE_NOW_BATCH)))
+  private flip = 0
+  /** Batches being hashed: slots of buffers dropped meanwhile wait in freedInBatch. */
+  private hashing = 0
   private plan = new Uint8Array(MERGE_NOW_BATCH)
   private planNode = new Int32Array(MERGE_NOW_BATCH)
   /** Pages mapping a stable page, planned ones included: the sum of the nodes' sharers. */
@@ -254,7 +271,7 @@ export class Engine {
     this.regions.splice(at, 1)
     if (this.cursor.region > at) this.cursor.region-- // the cursor stays on its region
     else if (this.cursor.region === at) this.cursor.page = 0 // its region is gone: on to the next
-    ;(this.freedInBatch ?? this.freeSlots).push([region.slot, region.pages])
+    ;(this.hashing > 0 ? this.freedInBatch : this.freeSlots).push([region.slot, region.pages])
   }
 
   /** Index of the first region whose slots start at or after `slot` (regions are in slot order). */
@@ -320,12 +337,23 @@ export class Engine {
     return this.exclusive(async () => {
       this.cursor = { region: 0, page: 0 }
       this.endScan(false)
-      for (;;) {
-        let wrapped = false
-        while (!wrapped) wrapped = (await this.batch(MERGE_NOW_BATCH, true)) || this.regions.length === 0
-        const merged = this.c.mergedThisScan
-        this.endScan(true)
-        if (merged === 0 || this.regions.length === 0) return this.stats()
+      // A pipeline: the workers hash the next batch while this thread merges the current one.
+      let next: Batch | undefined = this.begin(MERGE_NOW_BATCH, true)
+      try {
+        for (;;) {
+          const cur: Batch = next!
+          await cur.hashed
+          // the next batch of the same full scan: never pages of this one, whose slots process() writes
+          next = cur.wrapped ? undefined : this.begin(MERGE_NOW_BATCH, false)
+          this.process(cur, true)
+          if (!cur.wrapped) continue
+          const merged = this.c.mergedThisScan
+          this.endScan(true)
+          if (merged === 0 || this.regions.length === 0) return this.stats()
+          next = this.begin(MERGE_NOW_BATCH, true)
+        }
+      } finally {
+        await next?.hashed // a batch begun before an error: let its hashing finish
       }
     })
   }
@@ -389,53 +417,50 @@ export class Engine {
 
   /** Scans up to `max` pages from the cursor; true when that finished a full scan. */
   private async batch(max: number, mergeNow: boolean): Promise<boolean> {
-    if (this.regions.length === 0) return true
-    if (this.candidates.length < max) {
-      this.candidates = new Int32Array(new SharedArrayBuffer(4 * max))
+    const b = this.begin(max, true)
+    await b.hashed
+    this.process(b, mergeNow)
+    return b.wrapped
+  }
+
+  /**
+   * Takes up to `max` pages from the cursor, surveys them, and starts hashing them (with a share
+   * for this thread when `share`). Holds each buffer strongly until the batch is done: workers
+   * get addresses, not buffers, so that nothing but a batch in progress keeps memory alive.
+   */
+  private begin(max: number, share: boolean): Batch {
+    if (this.candidates[0]!.length < max) {
+      this.candidates = [0, 1].map(() => new Int32Array(new SharedArrayBuffer(4 * max)))
       this.plan = new Uint8Array(max)
       this.planNode = new Int32Array(max)
     }
-    // Collect shards from the cursor, holding each buffer strongly for the batch's duration
-    // (workers get addresses, not buffers, so that nothing but this batch keeps memory alive).
-    const shards: Shard[] = []
-    const held: Region[] = []
-    const buffers: SharedArrayBuffer[] = []
-    let taken = 0
-    let wrapped = false
-    while (taken < max) {
-      if (this.cursor.region >= this.regions.length) {
-        this.cursor = { region: 0, page: 0 }
-        wrapped = true
-        break
-      }
+    const b: Batch = { shards: [], held: [], buffers: [], pages: 0, wrapped: false, candidates: this.candidates[(this.flip ^= 1)]! }
+    while (b.pages < max && this.regions.length > 0) {
+      if (this.cursor.region >= this.regions.length) break
       const r = this.regions[this.cursor.region]!
       const buffer = r.ref.deref()
-      const count = Math.min(max - taken, r.pages - this.cursor.page)
+      const count = Math.min(max - b.pages, r.pages - this.cursor.page)
       if (buffer && count > 0) {
         const mix = this.mixOf(r)
-        shards.push({ address: this.native.addressOf(buffer), firstPage: this.cursor.page, count, slot: r.slot + this.cursor.page, batchIndex: taken, mixLo: mix.lo, mixHi: mix.hi })
-        held.push(r)
-        buffers.push(buffer)
-        taken += count
+        b.shards.push({ address: this.native.addressOf(buffer), firstPage: this.cursor.page, count, slot: r.slot + this.cursor.page, batchIndex: b.pages, mixLo: mix.lo, mixHi: mix.hi })
+        b.held.push(r)
+        b.buffers.push(buffer)
+        b.pages += count
       }
       this.cursor.page += count
       if (!buffer || this.cursor.page >= r.pages) this.cursor = { region: this.cursor.region + 1, page: 0 }
     }
-    if (this.cursor.region >= this.regions.length && !wrapped) {
+    if (this.cursor.region >= this.regions.length) {
       this.cursor = { region: 0, page: 0 }
-      wrapped = true
+      b.wrapped = true
     }
-    if (shards.length === 0) return wrapped
-    this.survey(shards, held, buffers)
-    this.freedInBatch = []
-    try {
-      await this.hash(shards, taken)
-    } finally {
-      this.freeSlots.push(...this.freedInBatch)
-      this.freedInBatch = undefined
-    }
-    this.process(shards, held, mergeNow)
-    return wrapped
+    if (b.shards.length === 0) return b
+    this.survey(b)
+    this.hashing++
+    b.hashed = this.hash(b, share).finally(() => {
+      if (--this.hashing === 0) this.freeSlots.push(...this.freedInBatch.splice(0))
+    })
+    return b
   }
 
   /**
@@ -445,7 +470,7 @@ export class Engine {
    * dropped page that nobody touched is not read: on kernels that give a read fault a fresh page
    * instead of the shared zero page, reading it would allocate the memory we gave back.
    */
-  private survey(shards: Shard[], held: Region[], buffers: SharedArrayBuffer[]): void {
+  private survey({ shards, held, buffers }: Batch): void {
     const { flags, words } = this.pages
     const merged: number[] = [] // shards holding merged pages
     shards.forEach((sh, i) => {
@@ -484,18 +509,18 @@ export class Engine {
    * otherwise wait. A batch smaller than INLINE_PAGES is hashed here alone: a round trip to a
    * worker (task cloned, views made, reply awaited) costs more than hashing it.
    */
-  private async hash(shards: Shard[], pages: number): Promise<void> {
+  private async hash({ shards, pages, candidates }: Batch, share: boolean): Promise<void> {
     const common = {
       keys: this.pages.words.buffer as SharedArrayBuffer,
       flags: this.pages.flags.buffer as SharedArrayBuffer,
-      candidates: this.candidates.buffer as SharedArrayBuffer,
+      candidates: candidates.buffer as SharedArrayBuffer,
       stable: this.stable.view(),
     }
     if (pages < INLINE_PAGES) {
       hashShards({ ...common, shards })
       return
     }
-    const per = Math.ceil(pages / (this.options.workers + 1))
+    const per = Math.ceil(pages / (this.options.workers + (share ? 1 : 0)))
     const tasks: Shard[][] = [[]]
     let room = per
     for (const sh of shards) {
@@ -508,17 +533,17 @@ export class Engine {
       }
     }
     const filled = tasks.filter((t) => t.length > 0)
-    const mine = filled.pop()! // the coordinator's share
+    const mine = share ? filled.pop() : undefined // the coordinator's share
     const pool = this.workerPool()
     const running = filled.map((t) => pool.run({ ...common, shards: t } satisfies HashTask))
-    hashShards({ ...common, shards: mine })
+    if (mine) hashShards({ ...common, shards: mine })
     await Promise.all(running)
   }
 
   /** Decides, page by page, what each page of the batch becomes; then carries it out. */
-  private process(shards: Shard[], held: Region[], mergeNow: boolean): void {
+  private process({ shards, held, candidates }: Batch, mergeNow: boolean): void {
     const { words, flags } = this.pages
-    const { plan, planNode, candidates, zero } = this
+    const { plan, planNode, zero } = this
     const st = this.stable
     const useZero = this.options.useZeroPages
     const owners: number[] = []
@@ -550,7 +575,8 @@ export class Engine {
         }
         // The stable index first (the worker's answer, or this batch's new stable pages) ...
         let head = candidates[bi]!
-        if (head < 0) head = st.find(lo, hi)
+        // the worker may have searched while this thread changed the table: trust only a live match
+        if (head < 0 || st.sharers[head] === 0 || st.keyLo[head] !== lo || st.keyHi[head] !== hi) head = st.find(lo, hi)
         let node = head >= 0 ? this.roomIn(head) : -1
         if (node < 0) {
           // ... then the unstable one: two unmerged pages meet, and the earlier one's memory
