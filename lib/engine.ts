@@ -764,9 +764,10 @@ export class Engine {
     if (sharing && next.mergeAcrossDomains !== this.options.mergeAcrossDomains)
       throw error(ErrorCode.BUSY, 'options.mergeAcrossDomains cannot change while pages are shared (unmergeAll() first)')
     if (next.workers !== this.options.workers && this.pool) {
+      // A scan in progress may still have tasks on the old pool: end it after what is queued.
       const old = this.pool
       this.pool = undefined
-      void old.destroy()
+      void this.exclusive(() => old.destroy())
     }
     if (next.mergeAcrossDomains !== this.options.mergeAcrossDomains) this.unstable.reset(this.slotTop) // keys change
     this.options = next

@@ -592,3 +592,25 @@ t.test('CommonJS and ESM callers get the same API', async (t) => {
   t.same(same.names, same.cjs, 'the same exports')
   t.equal(same.one, true, 'one PageMerger class for both')
 })
+
+t.test('changing the number of workers while mergeNow() runs lets it finish', async (t) => {
+  const pm = new PageMerger({ workers: 1 })
+  const bufs: Buffer[] = []
+  for (let i = 0; i < 4; i++) {
+    const a = pm.alloc(8 * MiB), b = pm.alloc(8 * MiB)
+    fillRandom(a, 40 + i)
+    b.set(a)
+    bufs.push(a, b)
+  }
+  const running = pm.mergeNow()
+  pm.setOptions({ workers: 2 })
+  const s = await running
+  t.equal(s.pagesSharing, 4 * 2048, 'every duplicate merged')
+  t.equal(pm.options.workers, 2)
+  const c = pm.alloc(8 * MiB), d = pm.alloc(8 * MiB)
+  fillRandom(c, 50)
+  d.set(c)
+  t.equal((await pm.mergeNow()).pagesSharing, 5 * 2048, 'and the new pool merges the next ones')
+  t.ok(bufs.every((b, i) => b.equals(bufs[i ^ 1]!)), 'bytes intact')
+  await pm.close()
+})
