@@ -21,6 +21,9 @@ function view<T extends Uint32Array | Int32Array | Uint8Array | BigUint64Array>(
   return v as T
 }
 
+/** The keys a run had before it is hashed again (reused: a new array per run cost more than the run). */
+let previous = new Uint32Array(2 * 1024)
+
 export default function hash(task: HashTask): HashResult {
   const hashes = new BigUint64Array(task.keys) // a second view of the same bytes (cached one is Uint32)
   const words = view(task.keys, Uint32Array)
@@ -43,7 +46,9 @@ export default function hash(task: HashTask): HashResult {
       }
       let end = i // each maximal run of pages to hash, in one native call
       while (end < shard.count && !skip(flags[slot + end]!)) end++
-      const old = words.slice(2 * (slot + i), 2 * (slot + end))
+      if (previous.length < 2 * (end - i)) previous = new Uint32Array(2 * (end - i))
+      const old = previous
+      old.set(words.subarray(2 * (slot + i), 2 * (slot + end)))
       native.hashAt(shard.address, shard.firstPage + i, end - i, hashes, slot + i)
       hashed += end - i
       for (let k = i; k < end; k++) {
