@@ -6,7 +6,7 @@
 import { existsSync } from 'node:fs'
 import { join } from 'node:path'
 import { Piscina } from 'piscina'
-import { error, ErrorCode, typeError } from './errors'
+import { error, ErrorCode, systemError, typeError } from './errors'
 import { loadNative, NO_POOL, PAGE_SIZE, PageState, Status, type NativeArena, type NativeBinding } from './native'
 import type { ResolvedOptions } from './options'
 import { domainMix, Flag, type HashTask, type Shard } from './protocol'
@@ -733,18 +733,27 @@ export class Engine {
 
   // ---- unmerging ------------------------------------------------------------------------------
 
+  /**
+   * Makes every page of the region private again (unmapping no budget: giving pages back must not
+   * be refused). If the kernel refuses part of it (ENOMEM near vm.max_map_count), the rest stays
+   * merged and readable, the bookkeeping follows what the bridge says was done, and the error is
+   * thrown.
+   */
   private unmergeRegion(region: Region): void {
     const status = new Int32Array(1)
     this.arena.unmerge(new Uint32Array([region.id, 0, region.pages]), status, Number.MAX_SAFE_INTEGER)
-    if (status[0] !== Status.OK && status[0] !== Status.GONE)
-      throw Object.assign(error(ErrorCode.BUSY, `unmerging failed with errno ${-status[0]!}; every page still reads its bytes`), { errno: status[0] })
     const { flags, words } = this.pages
-    for (let s = region.slot; s < region.slot + region.pages; s++) {
-      const f = flags[s]!
+    const states = new Uint8Array(region.pages), pools = new Uint32Array(region.pages)
+    const buffer = region.ref.deref()
+    if (buffer) this.arena.pageStates(buffer, 0, region.pages, states, pools)
+    for (let k = 0; k < region.pages; k++) {
+      const s = region.slot + k, f = flags[s]!
+      if (buffer && states[k] === PageState.MERGED) continue // left merged by a failed unmerge
       if (f & Flag.MERGED) this.dropSharer(words[2 * s]!)
       if (f & Flag.ZERO) this.c.zeroPages--
       flags[s] = f & ~(Flag.MERGED | Flag.OWNER | Flag.ZERO | Flag.TOUCHED | (f & Flag.MERGED ? Flag.HASHED : 0))
     }
+    if (status[0]! < 0) throw systemError(status[0]!, 'mremap', 'cannot make every page private again (the others stay merged, and every page reads its bytes)')
   }
 
   unmergeAll(): Promise<void> {
