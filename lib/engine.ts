@@ -547,7 +547,8 @@ export class Engine {
     const st = this.stable
     const useZero = this.options.useZeroPages
     const owners: number[] = []
-    // Unstable entries that can no longer pair: merged (their words hold a node), pending, dropped.
+    // Unstable entries that can no longer pair: merged (their words hold a node), pending, dropped;
+    // and a slot that is not HASHED belongs to no page now (its buffer was collected, the slot freed).
     const busy = Flag.MERGED | Flag.PENDING | Flag.ZERO
     shards.forEach((sh, i) => {
       const r = held[i]!
@@ -581,7 +582,7 @@ export class Engine {
         if (node < 0) {
           // ... then the unstable one: two unmerged pages meet, and the earlier one's memory
           // becomes a new stable page (a dup in its content's chain when the others are full).
-          const other = this.unstable.findOrInsert(s, flags, busy)
+          const other = this.unstable.findOrInsert(s, flags, Flag.HASHED, busy)
           if (other < 0) continue
           node = st.create(lo, hi, NO_POOL)
           st.insert(node, head)

@@ -244,8 +244,11 @@ export class UnstableTable extends Table {
     this.size = 0
   }
 
-  /** Another slot with the same key whose flags have none of `busy`, or -1 after inserting `slot`. */
-  findOrInsert(slot: number, flags: Uint8Array, busy: number): number {
+  /**
+   * Another slot with the same key whose flags have all of `need` and none of `busy`, or -1
+   * after inserting `slot`.
+   */
+  findOrInsert(slot: number, flags: Uint8Array, need: number, busy: number): number {
     const { words, table } = this
     const lo = words[2 * slot]!, hi = words[2 * slot + 1]!
     const mask = table.length - 1
@@ -253,7 +256,7 @@ export class UnstableTable extends Table {
       const e = table[p]!
       if (e === EMPTY) break
       const o = e - 1
-      if (words[2 * o] === lo && words[2 * o + 1] === hi && o !== slot && (flags[o]! & busy) === 0) return o
+      if (words[2 * o] === lo && words[2 * o + 1] === hi && o !== slot && (flags[o]! & (busy | need)) === need) return o
     }
     this.put(slot)
     return -1
