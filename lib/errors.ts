@@ -2,6 +2,8 @@
  * Every error pagemerge throws carries a stable `code`. Failed system calls keep Node's shape
  * instead: `code` is the errno name (`'EPERM'`), with `errno` and `syscall`.
  */
+import { constants as osConstants } from 'node:os'
+
 export const ErrorCode = {
   /** An argument has the wrong type. */
   INVALID_ARG: 'ERR_PAGEMERGE_INVALID_ARG',
@@ -61,8 +63,6 @@ export function systemError(negErrno: number, syscall: string, what: string): Er
     syscall,
   })
 }
-
-import { constants as osConstants } from 'node:os'
 
 function errnoName(errno: number): string {
   for (const [name, value] of Object.entries(osConstants.errno)) if (value === errno) return name

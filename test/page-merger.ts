@@ -282,13 +282,19 @@ t.test('two 1 MiB zero buffers: 512 zero pages, 256 after unregistering one, 0 a
 
 // ---- 7. writes that bypass JS views ----------------------------------------------------------
 
-t.test('fs.readSync into a merged buffer changes only that buffer', async (t) => {
+/** Two 4-page buffers of the same seeded bytes, merged: 4 shared, 4 sharing. */
+async function mergedPair(t: Test, seed: number) {
   const pm = new PageMerger()
   const a = pm.alloc(4 * PAGE), b = pm.alloc(4 * PAGE)
-  fillRandom(a, 7)
+  fillRandom(a, seed)
   b.set(a)
-  const d = digest(a)
+  const d = digest(a) // taken before merging, as the bytes the application wrote
   t.same(counts(await pm.mergeNow()), { pagesShared: 4, pagesSharing: 4 })
+  return { pm, a, b, d }
+}
+
+t.test('fs.readSync into a merged buffer changes only that buffer', async (t) => {
+  const { pm, a, b, d } = await mergedPair(t, 7)
   const dir = mkdtempSync(join(tmpdir(), 'pagemerge-'))
   t.teardown(() => rmSync(dir, { recursive: true, force: true }))
   const file = join(dir, 'bytes')
@@ -314,12 +320,7 @@ t.test('fs.readSync into a merged buffer changes only that buffer', async (t) =>
 })
 
 t.test('Atomics.store from a worker thread into a merged buffer changes only that buffer', async (t) => {
-  const pm = new PageMerger()
-  const a = pm.alloc(4 * PAGE), b = pm.alloc(4 * PAGE)
-  fillRandom(a, 8)
-  b.set(a)
-  const d = digest(a)
-  t.same(counts(await pm.mergeNow()), { pagesShared: 4, pagesSharing: 4 })
+  const { pm, a, b, d } = await mergedPair(t, 8)
   const index = (2 * PAGE + 64) / 4
   const value = 0x12345678
   const w = new Worker(
