@@ -5,6 +5,7 @@
       "sources": [
         "native/addon.cc",
         "native/arena.cc",
+        "native/kernel.cc",
         "native/pages.cc",
         "native/procfs.cc",
         "native/registry.cc",
@@ -24,7 +25,7 @@
       "cflags_cc!": ["-fno-exceptions"],
       "cflags_cc": ["-std=c++17", "-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
       "conditions": [
-        ["OS!='linux'", { "sources!": ["native/arena.cc", "native/procfs.cc"] }]
+        ["OS!='linux'", { "sources!": ["native/arena.cc", "native/kernel.cc", "native/procfs.cc"] }]
       ]
     }
   ]

@@ -17,6 +17,8 @@ export const ErrorCode = {
   NOT_POOL_PAGE: 'ERR_PAGEMERGE_NOT_POOL_PAGE',
   /** The arena's file offsets are used up. */
   ARENA_FULL: 'ERR_PAGEMERGE_ARENA_FULL',
+  /** Only private anonymous memory can be handed to the kernel's KSM (it ignores shared mappings). */
+  NOT_PRIVATE: 'ERR_PAGEMERGE_NOT_PRIVATE',
   /** The native addon could not be loaded. */
   ADDON_LOAD: 'ERR_PAGEMERGE_ADDON_LOAD',
   /** Merging needs Linux. */

@@ -56,6 +56,12 @@ export interface NativeArena {
   pageStates(buffer: Bytes, firstPage: number, count: number, outState: Uint8Array, outPool: Uint32Array): number
   poolRefs(poolFirst: number, count: number, out: Uint32Array): number
   stats(): ArenaStats
+  /**
+   * madvise(MADV_MERGEABLE or MADV_UNMERGEABLE) over a private anonymous buffer, for the kernel's
+   * ksmd. Throws ERR_PAGEMERGE_NOT_PRIVATE for memfd windows (the kernel ignores shared mappings)
+   * and for buffers with pages this arena merged.
+   */
+  advise(buffer: Bytes, mergeable: boolean): void
 }
 
 export interface NativeBinding {
@@ -87,6 +93,10 @@ export interface NativeBinding {
   /** Where the buffer's bytes are mapped (to match /proc/self/smaps ranges). */
   addressOf(buffer: Bytes): bigint
   Arena: new (reserveBytes?: number) => NativeArena
+  /** prctl(PR_GET_MEMORY_MERGE): whether every anonymous region of this process is mergeable by ksmd. */
+  memoryMerge(): boolean
+  /** prctl(PR_SET_MEMORY_MERGE): needs CAP_SYS_RESOURCE; off unmerges every region of the process. */
+  setMemoryMerge(on: boolean): void
 }
 
 let binding: NativeBinding | undefined

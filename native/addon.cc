@@ -4,6 +4,7 @@
 
 #include "arena.h"
 #include "common.h"
+#include "kernel.h"
 #include "pages.h"
 #include "procfs.h"
 
@@ -38,6 +39,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitPages(env, exports);
   InitProcfs(env, exports);
   InitArena(env, exports);
+  InitKernel(env, exports);
   return exports;
 }
 

@@ -483,6 +483,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
                            InstanceMethod("pageStates", &Arena::PageStates),
                            InstanceMethod("poolRefs", &Arena::PoolRefs),
                            InstanceMethod("stats", &Arena::Stats),
+                           InstanceMethod("advise", &Arena::Advise),
                        });
   }
 
@@ -952,6 +953,23 @@ class Arena : public Napi::ObjectWrap<Arena> {
     uint32_t* o = reinterpret_cast<uint32_t*>(out.data);
     for (uint64_t k = 0; k < count; k++) o[k] = core_->refs.Get(static_cast<uint32_t>(first + k));
     return Napi::Number::New(env, static_cast<double>(count));
+  }
+
+  // advise(buffer, mergeable): madvise MADV_MERGEABLE / MADV_UNMERGEABLE for the kernel's ksmd.
+  // Only private anonymous memory: the kernel silently ignores shared (memfd) mappings, and pages
+  // this arena merged itself are not the kernel's to touch.
+  Napi::Value Advise(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 2 || !info[1].IsBoolean()) return ThrowType(env, code::INVALID_ARG, "mergeable must be a boolean");
+    bool mergeable = info[1].As<Napi::Boolean>().Value();
+    ArenaLock lock(*core_);
+    Allocation* a;
+    if (!Resolve(info, 0, &a)) return Napi::Value();
+    if (!AllState(*a, 0, a->pages, kAnon))
+      return ThrowPlain(env, code::NOT_PRIVATE, "only private anonymous buffers (alloc(bytes, false)) with no page merged by pagemerge can be handed to the kernel's KSM");
+    if (madvise(a->base, a->pages * kPage, mergeable ? MADV_MERGEABLE : MADV_UNMERGEABLE) != 0)
+      return ThrowErrno(env, errno, "madvise", mergeable ? "cannot mark the buffer MADV_MERGEABLE" : "cannot mark the buffer MADV_UNMERGEABLE");
+    return env.Undefined();
   }
 
   Napi::Value Stats(const Napi::CallbackInfo& info) {
