@@ -60,6 +60,35 @@ export interface KernelStatus {
   ksmd?: { pid: number; cpuNs: number }
 }
 
+/**
+ * ksmd's progress, cheap enough to poll (three small files). `run` is absent without KSM; the
+ * counters read 0 where the kernel has no such file (pages_scanned is Linux 6.7+).
+ */
+export interface KsmCounters {
+  run?: 0 | 1 | 2
+  fullScans: number
+  pagesScanned: number
+}
+
+/**
+ * This process's share of KSM, from /proc/self/ksm_stat (Linux 6.1+; ksm_merging_pages alone on
+ * 5.19+). Absent where the kernel does not say.
+ */
+export interface ProcessKsm {
+  /** Pages of this process that ksmd has merged (ksm_merging_pages). */
+  mergingPages?: number
+  /** All-zero pages ksmd mapped to the zero page, with use_zero_pages (ksm_zero_pages). */
+  zeroPages?: number
+  /** ksmd's metadata entries for this process (ksm_rmap_items). */
+  rmapItems?: number
+  /** Bytes saved minus metadata spent (ksm_process_profit); may be negative. */
+  profit?: number
+  /** Whether prctl(PR_SET_MEMORY_MERGE) is on (ksm_merge_any). */
+  mergeAny?: boolean
+  /** Whether any region of the process is mergeable now (ksm_mergeable). */
+  mergeable?: boolean
+}
+
 /** Test hooks: directories to read instead of the real ones. */
 export interface KernelKsmOptions {
   /** Instead of /sys/kernel/mm/ksm. */
@@ -184,6 +213,24 @@ export function parseKsmStat(text: string): Record<string, number | string | boo
     out[camelCase(m[1]!)] =
       number !== undefined ? number : value === 'yes' ? true : value === 'no' ? false : value
   }
+  return out
+}
+
+/** ProcessKsm from the text of ksm_stat and ksm_merging_pages (either may be missing). */
+export function parseProcessKsm(ksmStat: string | undefined, mergingPages: string | undefined): ProcessKsm {
+  const stat = ksmStat === undefined ? {} : parseKsmStat(ksmStat)
+  const out: ProcessKsm = {}
+  const num = (v: unknown) => (typeof v === 'number' ? v : undefined)
+  const bool = (v: unknown) => (typeof v === 'boolean' ? v : undefined)
+  const fields: [keyof ProcessKsm, number | boolean | undefined][] = [
+    ['mergingPages', num(stat.ksmMergingPages) ?? parseKernelInt(mergingPages)],
+    ['zeroPages', num(stat.ksmZeroPages)],
+    ['rmapItems', num(stat.ksmRmapItems)],
+    ['profit', num(stat.ksmProcessProfit)],
+    ['mergeAny', bool(stat.ksmMergeAny)],
+    ['mergeable', bool(stat.ksmMergeable)],
+  ]
+  for (const [key, value] of fields) if (value !== undefined) (out as Record<string, unknown>)[key] = value
   return out
 }
 
@@ -441,6 +488,21 @@ export class KernelKsm {
     const ksmd = this.#ksmd()
     if (ksmd) status.ksmd = ksmd
     return status
+  }
+
+  /** ksmd's run state and progress counters, read from three files: cheap enough to poll. */
+  counters(): KsmCounters {
+    const read = (file: string) => parseKernelInt(readText(join(this.#sysfs, file)))
+    const run = read('run')
+    const out: KsmCounters = { fullScans: read('full_scans') ?? 0, pagesScanned: read('pages_scanned') ?? 0 }
+    if (run === 0 || run === 1 || run === 2) out.run = run
+    return out
+  }
+
+  /** This process's KSM counters (/proc/self/ksm_stat): one small file, cheap enough to poll. */
+  processCounters(): ProcessKsm {
+    const stat = readText(join(this.#procSelf, 'ksm_stat'))
+    return parseProcessKsm(stat, stat === undefined ? readText(join(this.#procSelf, 'ksm_merging_pages')) : undefined)
   }
 
   /**

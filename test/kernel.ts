@@ -154,6 +154,25 @@ t.test('status() of an older kernel: absent files stay absent, unknown ones land
   t.equal(bare.process.mergingPages, undefined, 'no ksm_merging_pages file: undefined')
 })
 
+t.test('counters() and processCounters(): the cheap reads for polling', async (t) => {
+  const sysfs = fakeSysfs(t, OLDER_KERNEL)
+  const procSelf = fakeSysfs(t, { ksm_stat: 'ksm_rmap_items 10\nksm_zero_pages 2\nksm_merging_pages 7\nksm_process_profit 100\nksm_merge_any: no\nksm_mergeable: yes' })
+  const k = new KernelKsm({ sysfs, procSelf })
+  t.same(k.counters(), { run: 0, fullScans: 8, pagesScanned: 0 }, 'pages_scanned absent (before 6.7): 0')
+  t.same(k.processCounters(), { mergingPages: 7, zeroPages: 2, rmapItems: 10, profit: 100, mergeAny: false, mergeable: true })
+  const only = fakeSysfs(t, { ksm_merging_pages: '5' })
+  t.same(new KernelKsm({ sysfs, procSelf: only }).processCounters(), { mergingPages: 5 }, 'ksm_merging_pages alone (5.19 to 6.0)')
+  const missing = join(tmpdir(), 'pagemerge-no-such-ksm-dir')
+  t.same(new KernelKsm({ sysfs: missing, procSelf: missing }).counters(), { fullScans: 0, pagesScanned: 0 }, 'no KSM: no run')
+  t.same(new KernelKsm({ procSelf: missing }).processCounters(), {})
+  if (hasKsm) {
+    const real = new KernelKsm().counters()
+    t.equal(real.run, Number(readKnob('run')), 'this kernel: run')
+    t.ok(real.fullScans <= Number(readKnob('full_scans')), 'this kernel: full_scans (which only grows)')
+  }
+  if (existsSync('/proc/self/ksm_stat')) t.type(new KernelKsm().processCounters().mergeAny, 'boolean', 'this process')
+})
+
 t.test('parseKsmStat', async (t) => {
   t.same(parseKsmStat(''), {})
   t.same(parseKsmStat('ksm_rmap_items 0\nksm_merge_any: no\n\n'), { ksmRmapItems: 0, ksmMergeAny: false })
