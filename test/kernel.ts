@@ -1,7 +1,8 @@
 // The kernel KSM bridge: reading /sys/kernel/mm/ksm and /proc, tuning ksmd and putting it back
 // (also when a process ends without asking), and prctl(PR_SET_MEMORY_MERGE).
 import t, { type Test } from 'tap'
-import { spawnSync } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
+import { once } from 'node:events'
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
@@ -369,6 +370,50 @@ t.test('a process that is not root cannot tune, and changes nothing', { skip: ne
   t.equal(out.available.canTune, false, 'kernelKsmAvailable().canTune is false')
   t.match(out.available.reason, /root/, 'and says why')
   t.equal(readKnob('sleep_millisecs'), original, 'nothing changed')
+})
+
+t.test('the kernel\'s EBUSY (max_page_sharing while pages are shared) reaches the caller', { skip: needsRootKsm }, async (t) => {
+  if (typeof (loadNative() as { setMemoryMerge?: unknown }).setMemoryMerge !== 'function') return t.skip('the built addon has no setMemoryMerge yet')
+  if (readKnob('run') !== '0') return t.skip('ksmd is running for someone else here (run is not 0): not disturbing it')
+  if (readKnob('pages_shared') !== '0') return t.skip('pages are already shared by someone else: not disturbing them')
+  const k = new KernelKsm()
+  if (k.status().knobs.advisorMode === 'scan-time') return t.skip('the advisor sets pages_to_scan here')
+  const maxPageSharing = readKnob('max_page_sharing')
+  // A child with merge-any on and 1 MiB of one repeated page: something for ksmd to merge.
+  const script = `const { KernelKsm } = require(${JSON.stringify(resolve(__dirname, '../lib/kernel'))})
+    new KernelKsm().mergeAny(true)
+    globalThis.keep = new Uint8Array(256 * 4096).fill(7)
+    console.log('ready')
+    setInterval(() => {}, 1000)`
+  const child = spawn(process.execPath, ['-r', TS_NODE, '-e', script], { env: { ...process.env, NODE_OPTIONS: '' }, stdio: ['ignore', 'pipe', 'inherit'] })
+  const sharedNow = () => Number(readKnob('pages_shared'))
+  const until = async (done: () => boolean, ms: number) => {
+    for (const end = Date.now() + ms; !done() && Date.now() < end; ) await new Promise((r) => setTimeout(r, 50))
+    return done()
+  }
+  t.teardown(async () => {
+    if (child.exitCode === null) {
+      child.kill('SIGKILL')
+      await once(child, 'exit')
+    }
+    // ksmd, still running, drops the dead child's stable pages; then ksmd goes back to how it was.
+    await until(() => sharedNow() === 0, 10_000)
+    k.restore()
+    if (readKnob('max_page_sharing') !== maxPageSharing) writeFileSync(join(KSM_SYSFS, 'max_page_sharing'), maxPageSharing)
+  })
+  const [first] = (await once(child.stdout!, 'data')) as [Buffer]
+  t.equal(first.toString().trim(), 'ready', 'the child has its mergeable pages')
+  k.tune({ run: 1, pagesToScan: 2000, sleepMillisecs: 0 })
+  if (!(await until(() => sharedNow() > 0, 30_000))) return t.fail('ksmd merged nothing in 30 s')
+  let code: string | undefined
+  try {
+    k.tune({ sleepMillisecs: 1, maxPageSharing: Number(maxPageSharing) + 1 })
+  } catch (err) {
+    code = (err as { code?: string }).code
+  }
+  t.equal(code, 'EBUSY', 'tune({ maxPageSharing }) while pages are shared: EBUSY')
+  t.equal(readKnob('max_page_sharing'), maxPageSharing, 'max_page_sharing unchanged')
+  t.equal(readKnob('sleep_millisecs'), '0', 'the sleep_millisecs written before it was put back')
 })
 
 t.test('mergeAny: prctl(PR_SET_MEMORY_MERGE) on and off', { skip: noKsm }, async (t) => {
