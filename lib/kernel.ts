@@ -530,7 +530,7 @@ export class KernelKsm {
         )
       }
     }
-    const advisor = (knobs as KsmKnobs).advisorMode ?? this.#currentAdvisor()
+    const advisor = writes.find(([key]) => key === 'advisorMode')?.[1] ?? this.#currentAdvisor()
     if (advisor === 'scan-time' && writes.some(([key]) => key === 'pagesToScan')) {
       throw error(
         ErrorCode.BUSY,
