@@ -9,6 +9,7 @@ import { Piscina } from 'piscina'
 import { error, ErrorCode, systemError, typeError } from './errors'
 import { loadNative, NO_POOL, PAGE_SIZE, PageState, Status, type NativeArena, type NativeBinding } from './native'
 import type { ResolvedOptions } from './options'
+import { KernelKsm, type ProcessKsm } from './kernel'
 import { domainMix, Flag, type HashTask, type Shard } from './protocol'
 import { StableNodes, UnstableTable } from './tables'
 import hashShards from '../workers/hash'
@@ -39,6 +40,31 @@ export interface Stats {
   metadataBytesPerPage: number
   /** Pages in registered buffers. */
   pagesTracked: number
+  /**
+   * With engine 'kernel' or 'auto': what the kernel's ksmd merged in this whole process
+   * (/proc/self/ksm_merging_pages, and ksm_zero_pages of /proc/self/ksm_stat); 0 with 'userspace'.
+   */
+  kernelMergingPages: number
+  kernelZeroPages: number
+}
+
+/** What mergeNow() reports to onProgress after each batch. */
+export interface MergeProgress {
+  /** Pages scanned so far in the current full scan (with engine 'kernel': ksmd's pages_scanned since the call). */
+  pagesScanned: number
+  /** Pages in registered buffers: one full scan. */
+  pagesTotal: number
+  /** Full scans finished since mergeNow() was called. */
+  fullScans: number
+  /** Pages saved so far, as stats() counts them (with engine 'kernel': the kernel's). */
+  pagesSharing: number
+  zeroPages: number
+}
+
+/** Options of mergeNow(). */
+export interface MergeNowOptions {
+  /** Called after every batch; keep it quick, it runs on the scanning thread. */
+  onProgress?: (progress: MergeProgress) => void
 }
 
 /** What pm.bufferStats(buf) reports for one buffer. */
@@ -85,6 +111,13 @@ const WORKER_FILE = [join(__dirname, '..', 'workers', 'hash.js'), join(__dirname
 const INLINE_PAGES = 1024
 /** Pages per batch in mergeNow(): large enough to amortize a round trip to the workers. */
 const MERGE_NOW_BATCH = 1 << 16
+/** How often mergeNow() looks at ksmd's full_scans with engine 'kernel'. */
+const KSMD_POLL_MS = 20
+/**
+ * Full scans of ksmd that mergeNow() waits for with engine 'kernel': the one in progress, then
+ * ksmd merges a page only on its second sight with an unchanged checksum.
+ */
+const KSMD_SCANS = 3
 
 /**
  * Per-page state, indexed by slot, in SharedArrayBuffers so workers can fill it: 9 bytes a page.
@@ -116,6 +149,8 @@ class PageArrays {
 export class Engine {
   readonly native: NativeBinding = loadNative()
   readonly arena: NativeArena = new this.native.Arena()
+  /** The kernel's ksmd: knobs tuned through it are put back by close(). */
+  readonly kernel = new KernelKsm()
   options: ResolvedOptions
   private readonly pages = new PageArrays()
   private readonly stable = new StableNodes()
@@ -160,6 +195,8 @@ export class Engine {
     lastVolatile: 0,
     lastSkipped: 0,
     lastUnshared: 0,
+    /** Pages scanned in the current full scan, for onProgress. */
+    inScan: 0,
   }
 
   constructor(options: ResolvedOptions) {
@@ -174,7 +211,8 @@ export class Engine {
 
   alloc(bytes: number, domain: string): Buffer {
     this.assertOpen()
-    const sab = this.arena.alloc(bytes, true)
+    const { engine } = this.options
+    const sab = this.arena.alloc(bytes, engine === 'userspace')
     this.register(sab, domain)
     return Buffer.from(sab, 0, bytes)
   }
@@ -193,7 +231,22 @@ export class Engine {
     if (at <= this.cursor.region && this.regions.length > 1) this.cursor.region++ // the cursor stays on its region
     this.byId.set(id, region)
     this.finalizer.register(sab, id, region)
-    this.workerPool() // start the threads now, while the application fills its buffers
+    this.advise(sab, true)
+    if (this.options.engine !== 'kernel') this.workerPool() // start the threads now, while the application fills its buffers
+  }
+
+  /**
+   * Hands a private buffer to ksmd (engine 'kernel' or 'auto'), or takes it back. With 'auto', a
+   * kernel without KSM (EINVAL) only means ksmd takes nothing; with 'kernel' it is an error.
+   */
+  private advise(sab: SharedArrayBuffer, mergeable: boolean): void {
+    const { engine } = this.options
+    if (engine === 'userspace') return
+    try {
+      this.arena.advise(sab, mergeable)
+    } catch (err) {
+      if (!(engine === 'auto' && (err as { code?: string }).code === 'EINVAL')) throw err
+    }
   }
 
   /** Unmerges the buffer's pages (every page private again), then forgets it. */
@@ -202,6 +255,7 @@ export class Engine {
     const region = this.byId.get(this.arena.idOf(sab))
     if (!region) return false
     this.unmergeRegion(region)
+    this.advise(sab, false)
     this.finalizer.unregister(region)
     this.drop(region)
     return true
@@ -332,9 +386,16 @@ export class Engine {
     return next
   }
 
-  mergeNow(): Promise<Stats> {
+  mergeNow(options: MergeNowOptions = {}): Promise<Stats> {
     this.assertOpen()
+    const onProgress = progressOption(options)
+    if (this.options.engine === 'kernel') return this.exclusive(() => this.awaitKsmd(onProgress))
     return this.exclusive(async () => {
+      const scansBefore = this.c.fullScans
+      const report = onProgress && (() => {
+        const st = this.stats()
+        onProgress({ pagesScanned: this.c.inScan, pagesTotal: st.pagesTracked, fullScans: this.c.fullScans - scansBefore, pagesSharing: st.pagesSharing, zeroPages: st.zeroPages })
+      })
       this.cursor = { region: 0, page: 0 }
       this.endScan(false)
       // A pipeline: the workers hash the next batch while this thread merges the current one.
@@ -346,9 +407,13 @@ export class Engine {
           // the next batch of the same full scan: never pages of this one, whose slots process() writes
           next = cur.wrapped ? undefined : this.begin(MERGE_NOW_BATCH, false)
           this.process(cur, true)
-          if (!cur.wrapped) continue
+          if (!cur.wrapped) {
+            report?.()
+            continue
+          }
           const merged = this.c.mergedThisScan
           this.endScan(true)
+          report?.()
           if (merged === 0 || this.regions.length === 0) return this.stats()
           next = this.begin(MERGE_NOW_BATCH, true)
         }
@@ -358,9 +423,30 @@ export class Engine {
     })
   }
 
+  /**
+   * mergeNow() with engine 'kernel': waits until ksmd has finished enough full scans to have seen
+   * every page twice, or rejects at once if ksmd is not running (run is not 1).
+   */
+  private async awaitKsmd(onProgress: MergeNowOptions['onProgress']): Promise<Stats> {
+    const start = this.kernel.counters()
+    for (;;) {
+      const now = this.kernel.counters()
+      if (now.run !== 1)
+        throw error(ErrorCode.KSMD_STOPPED, `ksmd is not running (run=${now.run ?? 'absent'}), so nothing merges: start it with pm.kernel.tune({ run: 1 }) as root`)
+      const fullScans = now.fullScans - start.fullScans
+      if (onProgress) {
+        const st = this.stats()
+        onProgress({ pagesScanned: now.pagesScanned - start.pagesScanned, pagesTotal: st.pagesTracked, fullScans, pagesSharing: st.kernelMergingPages, zeroPages: st.kernelZeroPages })
+      }
+      if (fullScans >= KSMD_SCANS) return this.stats()
+      await new Promise((r) => setTimeout(r, KSMD_POLL_MS))
+    }
+  }
+
+  /** Background scanning; with engine 'kernel' ksmd scans by itself, so there is nothing to start. */
   start(): void {
     this.assertOpen()
-    if (this.running) return
+    if (this.running || this.options.engine === 'kernel') return
     this.running = true
     // A stop() that was not awaited lets its loop finish first: never two loops at once.
     this.background = (this.background ?? Promise.resolve()).then(() => this.scanInBackground())
@@ -412,6 +498,7 @@ export class Engine {
     this.c.volatile = 0
     this.c.skipped = 0
     this.c.mergedThisScan = 0
+    this.c.inScan = 0
     this.unstable.reset(this.slotTop - this.sharersTotal - this.c.zeroPages) // only unmerged pages can enter it
   }
 
@@ -555,6 +642,7 @@ export class Engine {
       plan.fill(Plan.NONE, sh.batchIndex, sh.batchIndex + sh.count)
       if (this.byId.get(r.id) !== r) return // unregistered while its pages were being hashed
       this.c.pagesScanned += sh.count
+      this.c.inScan += sh.count
       const zeroLo = (zero.lo ^ sh.mixLo) >>> 0, zeroHi = (zero.hi ^ sh.mixHi) >>> 0
       for (let k = 0; k < sh.count; k++) {
         const s = sh.slot + k, bi = sh.batchIndex + k
@@ -760,7 +848,11 @@ export class Engine {
   unmergeAll(): Promise<void> {
     this.assertOpen()
     return this.exclusive(() => {
-      for (const r of this.regions) this.unmergeRegion(r)
+      for (const r of this.regions) {
+        this.unmergeRegion(r)
+        const sab = r.ref.deref()
+        if (sab) this.advise(sab, false), this.advise(sab, true) // ksmd's merges undone too; it may merge again, as we may
+      }
       this.unstable.reset(this.slotTop)
     })
   }
@@ -779,6 +871,8 @@ export class Engine {
       this.pool = undefined
       void this.exclusive(() => old.destroy())
     }
+    if (next.engine !== this.options.engine)
+      throw error(ErrorCode.BUSY, 'options.engine is fixed when the PageMerger is made (its buffers are allocated for it)')
     if (next.mergeAcrossDomains !== this.options.mergeAcrossDomains) this.unstable.reset(this.slotTop) // keys change
     this.options = next
   }
@@ -790,6 +884,7 @@ export class Engine {
     const tracked = this.regions.reduce((s, r) => s + r.pages, 0)
     const metadata = this.pages.bytes() + st.bytes() + this.unstable.bytes() + this.arena.stats().metadataBytes
     const sharing = this.sharersTotal - shared
+    const kernel: ProcessKsm = this.options.engine === 'userspace' ? {} : this.kernel.processCounters()
     return {
       pagesShared: shared,
       pagesSharing: sharing,
@@ -804,6 +899,8 @@ export class Engine {
       pagesSkippedBudget: this.c.lastSkipped,
       metadataBytesPerPage: tracked ? metadata / tracked : 0,
       pagesTracked: tracked,
+      kernelMergingPages: kernel.mergingPages ?? 0,
+      kernelZeroPages: kernel.zeroPages ?? 0,
     }
   }
 
@@ -811,6 +908,7 @@ export class Engine {
     if (this.closed) return
     await this.stop()
     this.closed = true
+    this.kernel.restore()
     await this.exclusive(async () => {
       await this.pool?.destroy()
       this.pool = undefined
@@ -820,6 +918,16 @@ export class Engine {
   private assertOpen(): void {
     if (this.closed) throw error(ErrorCode.CLOSED, 'this PageMerger was closed')
   }
+}
+
+/** Checks mergeNow()'s options; returns its onProgress. */
+function progressOption(options: unknown): MergeNowOptions['onProgress'] {
+  if (typeof options !== 'object' || options === null) throw typeError(ErrorCode.INVALID_ARG, 'options must be an object')
+  for (const key of Object.keys(options))
+    if (key !== 'onProgress') throw typeError(ErrorCode.UNKNOWN_OPTION, `unknown option "${key}"; the only option is "onProgress"`)
+  const { onProgress } = options as MergeNowOptions
+  if (onProgress !== undefined && typeof onProgress !== 'function') throw typeError(ErrorCode.INVALID_ARG, 'options.onProgress must be a function')
+  return onProgress
 }
 
 /** The SharedArrayBuffer behind a buffer from alloc(), or the SharedArrayBuffer itself. */

@@ -29,6 +29,8 @@ export const ErrorCode = {
   UNKNOWN_OPTION: 'ERR_PAGEMERGE_UNKNOWN_OPTION',
   /** The change is not allowed in the current state (like the kernel's EBUSY). */
   BUSY: 'ERR_PAGEMERGE_BUSY',
+  /** ksmd is not running, so waiting for it to merge would never end. */
+  KSMD_STOPPED: 'ERR_PAGEMERGE_KSMD_STOPPED',
   /** The PageMerger was closed. */
   CLOSED: 'ERR_PAGEMERGE_CLOSED',
 } as const

@@ -57,9 +57,8 @@ export interface NativeArena {
   poolRefs(poolFirst: number, count: number, out: Uint32Array): number
   stats(): ArenaStats
   /**
-   * madvise(MADV_MERGEABLE or MADV_UNMERGEABLE) over a private anonymous buffer, for the kernel's
-   * ksmd. Throws ERR_PAGEMERGE_NOT_PRIVATE for memfd windows (the kernel ignores shared mappings)
-   * and for buffers with pages this arena merged.
+   * madvise(MADV_MERGEABLE or MADV_UNMERGEABLE) over a private buffer (`alloc(bytes, false)`), for
+   * the kernel's ksmd. Throws ERR_PAGEMERGE_NOT_PRIVATE for memfd windows, which the kernel ignores.
    */
   advise(buffer: Bytes, mergeable: boolean): void
 }

@@ -52,7 +52,19 @@ export interface PageMergerOptions {
    * @defaultValue false
    */
   mergeAcrossDomains?: boolean
+  /**
+   * Who merges: `'userspace'` (pagemerge's own scanner, no root, no knobs), `'kernel'` (buffers
+   * are private memory marked `MADV_MERGEABLE` for the kernel's ksmd, tuned with `pm.kernel`), or
+   * `'auto'` (private memory that pagemerge merges itself, also marked `MADV_MERGEABLE` so that
+   * ksmd, where it runs, takes what the mapping budget leaves). Fixed at construction.
+   * @defaultValue `'userspace'`
+   */
+  engine?: Engine
 }
+
+/** Who merges the pages: see {@link PageMergerOptions.engine}. */
+export type Engine = 'userspace' | 'kernel' | 'auto'
+
 
 /** Options with every default filled in, as `resolveOptions` returns them (frozen). */
 export type ResolvedOptions = Required<PageMergerOptions>
@@ -65,6 +77,7 @@ type Key = keyof ResolvedOptions
 type Rule =
   | { readonly kind: 'integer'; readonly min: number; readonly max: number }
   | { readonly kind: 'boolean' }
+  | { readonly kind: 'oneOf'; readonly values: readonly string[] }
 
 const INT32_MAX = 2 ** 31 - 1
 const UINT32_MAX = 2 ** 32 - 1
@@ -79,6 +92,7 @@ const RULES: { readonly [K in Key]: Rule } = {
   useZeroPages: { kind: 'boolean' },
   mapBudget: { kind: 'integer', min: 1, max: Number.MAX_SAFE_INTEGER },
   mergeAcrossDomains: { kind: 'boolean' },
+  engine: { kind: 'oneOf', values: ['userspace', 'kernel', 'auto'] },
 }
 
 /** The defaults, as thunks: some are computed, and mapBudget's loads the addon only when needed. */
@@ -90,6 +104,7 @@ const DEFAULTS: { readonly [K in Key]: () => ResolvedOptions[K] } = {
   useZeroPages: () => true,
   mapBudget: () => defaultMapBudget(),
   mergeAcrossDomains: () => false,
+  engine: () => 'userspace',
 }
 
 const KEYS = Object.keys(RULES) as Key[]
@@ -149,6 +164,11 @@ function check(key: Key, value: unknown): unknown {
     if (typeof value !== 'boolean') throw typeError(ErrorCode.INVALID_OPTION, message())
     return value
   }
+  if (rule.kind === 'oneOf') {
+    if (typeof value !== 'string') throw typeError(ErrorCode.INVALID_OPTION, message())
+    if (!rule.values.includes(value)) throw rangeError(ErrorCode.INVALID_OPTION, message())
+    return value
+  }
   if (typeof value !== 'number' || Number.isNaN(value)) throw typeError(ErrorCode.INVALID_OPTION, message())
   if (!Number.isInteger(value) || value < rule.min || value > rule.max) {
     throw rangeError(ErrorCode.INVALID_OPTION, message())
@@ -158,6 +178,7 @@ function check(key: Key, value: unknown): unknown {
 
 function describe(rule: Rule): string {
   if (rule.kind === 'boolean') return 'a boolean'
+  if (rule.kind === 'oneOf') return `one of ${rule.values.map((v) => `'${v}'`).join(', ')}`
   if (rule.max === Number.MAX_SAFE_INTEGER) {
     if (rule.min === 0) return 'a non-negative integer'
     if (rule.min === 1) return 'a positive integer'

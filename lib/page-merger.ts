@@ -2,7 +2,8 @@
  * The public face of pagemerge: a thin class over the private engine (lib/engine.ts), so that
  * what users can touch is exactly what is documented.
  */
-import { Engine, type BufferStats, type Stats } from './engine'
+import { Engine, type BufferStats, type MergeNowOptions, type Stats } from './engine'
+import type { KernelKsm } from './kernel'
 import { ErrorCode, typeError } from './errors'
 import { resolveOptions, validatePartial, type PageMergerOptions, type ResolvedOptions } from './options'
 
@@ -48,6 +49,14 @@ export class PageMerger {
     return this.#engine.options
   }
 
+  /**
+   * The kernel's own KSM: its knobs and counters, tuning (put back by close()), and prctl's
+   * merge-any for the whole process. See docs/kernel.md.
+   */
+  get kernel(): KernelKsm {
+    return this.#engine.kernel
+  }
+
   /** Whether background scanning is on (start() called, stop() not yet). */
   get running(): boolean {
     return this.#engine.isRunning
@@ -71,9 +80,13 @@ export class PageMerger {
     return this.#engine.unregister(buffer)
   }
 
-  /** Scans at full speed, merging pages on first sight, until a full scan merges nothing new. */
-  mergeNow(): Promise<Stats> {
-    return this.#engine.mergeNow()
+  /**
+   * Scans at full speed, merging pages on first sight, until a full scan merges nothing new.
+   * With engine 'kernel', waits for ksmd instead (see docs/kernel.md). `onProgress` is called
+   * after every batch.
+   */
+  mergeNow(options?: MergeNowOptions): Promise<Stats> {
+    return this.#engine.mergeNow(options)
   }
 
   /** Starts background scanning: pagesToScan pages every sleepMillisecs ms (like run=1). */
@@ -106,7 +119,7 @@ export class PageMerger {
     this.#engine.setOptions(validatePartial(this.#engine.options, partial))
   }
 
-  /** Ends background scanning and the worker threads. Buffers stay valid and readable. */
+  /** Ends background scanning and the worker threads, and puts back ksmd knobs tuned through `kernel`. Buffers stay valid and readable. */
   close(): Promise<void> {
     return this.#engine.close()
   }

@@ -956,8 +956,8 @@ class Arena : public Napi::ObjectWrap<Arena> {
   }
 
   // advise(buffer, mergeable): madvise MADV_MERGEABLE / MADV_UNMERGEABLE for the kernel's ksmd.
-  // Only private anonymous memory: the kernel silently ignores shared (memfd) mappings, and pages
-  // this arena merged itself are not the kernel's to touch.
+  // Only private-kind allocations: the kernel silently ignores shared (memfd) mappings. Pages this
+  // arena remapped onto the pool are file pages, which ksmd skips; the rest stay its to merge.
   Napi::Value Advise(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     if (info.Length() < 2 || !info[1].IsBoolean()) return ThrowType(env, code::INVALID_ARG, "mergeable must be a boolean");
@@ -965,8 +965,8 @@ class Arena : public Napi::ObjectWrap<Arena> {
     ArenaLock lock(*core_);
     Allocation* a;
     if (!Resolve(info, 0, &a)) return Napi::Value();
-    if (!AllState(*a, 0, a->pages, kAnon))
-      return ThrowPlain(env, code::NOT_PRIVATE, "only private anonymous buffers (alloc(bytes, false)) with no page merged by pagemerge can be handed to the kernel's KSM");
+    if (std::find(a->state.begin(), a->state.end(), kShared) != a->state.end())
+      return ThrowPlain(env, code::NOT_PRIVATE, "memfd windows (alloc(bytes, true)) cannot be handed to the kernel's KSM, which ignores shared mappings; allocate private memory (alloc(bytes, false))");
     if (madvise(a->base, a->pages * kPage, mergeable ? MADV_MERGEABLE : MADV_UNMERGEABLE) != 0)
       return ThrowErrno(env, errno, "madvise", mergeable ? "cannot mark the buffer MADV_MERGEABLE" : "cannot mark the buffer MADV_UNMERGEABLE");
     return env.Undefined();

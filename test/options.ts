@@ -32,6 +32,7 @@ const expectedDefaults = (): ResolvedOptions => ({
   useZeroPages: true,
   mapBudget: defaultMapBudget(),
   mergeAcrossDomains: false,
+  engine: 'userspace',
 })
 
 const INTEGERS = {
@@ -90,6 +91,14 @@ t.test('boolean options: booleans accepted, anything else TypeError', async (t) 
       throwsCoded(t, () => resolveOptions({ [key]: value }), TypeError, ErrorCode.INVALID_OPTION, `${key}=${String(value)}`)
     }
   }
+})
+
+t.test('engine: one of three names; anything else is refused with a code', async (t) => {
+  for (const name of ['userspace', 'kernel', 'auto'] as const) t.equal(resolveOptions({ engine: name }).engine, name, name)
+  for (const value of ['Kernel', 'ksm', '', ' auto'])
+    throwsCoded(t, () => resolveOptions({ engine: value }), RangeError, ErrorCode.INVALID_OPTION, `engine=${JSON.stringify(value)}`)
+  for (const value of [0, true, null, {}, ['auto'], new String('auto')])
+    throwsCoded(t, () => resolveOptions({ engine: value }), TypeError, ErrorCode.INVALID_OPTION, `engine=${String(value)}`)
 })
 
 t.test('the first bad value throws even when others are good', async (t) => {

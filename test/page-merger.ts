@@ -468,6 +468,37 @@ t.test('maxPageSharing cannot change while pages are shared (EBUSY), can after u
   await pm.close()
 })
 
+t.test('the engine is fixed at construction (BUSY), like the other options checked up front', async (t) => {
+  const pm = new PageMerger()
+  throwsCoded(t, () => pm.setOptions({ engine: 'kernel' }), Error, ErrorCode.BUSY, 'engine change')
+  throwsCoded(t, () => new PageMerger({ engine: 'ksm' as 'kernel' }), RangeError, ErrorCode.INVALID_OPTION, 'unknown engine')
+  pm.setOptions({ engine: 'userspace' }) // the same value is no change
+  t.equal(pm.options.engine, 'userspace')
+  await pm.close()
+})
+
+t.test('mergeNow({ onProgress }): called per batch, pages counted up to a full scan, at least two scans', async (t) => {
+  const pm = new PageMerger()
+  const pages = 3 * 65536 // three mergeNow() batches a scan
+  const a = pm.alloc(pages * PAGE), b = pm.alloc(pages * PAGE)
+  fillRandom(a, 11)
+  b.set(a)
+  const seen: Array<{ pagesScanned: number; pagesTotal: number; fullScans: number; pagesSharing: number }> = []
+  const s = await pm.mergeNow({ onProgress: (p) => seen.push({ ...p }) })
+  t.ok(seen.length >= 6, `called ${seen.length} times: after each batch of each full scan`)
+  t.ok(seen.every((p) => p.pagesTotal === 2 * pages), 'pagesTotal is the tracked pages')
+  t.ok(seen.every((p) => p.pagesScanned >= 0 && p.pagesScanned <= p.pagesTotal), 'pagesScanned stays within a full scan')
+  t.ok(seen.some((p) => p.pagesScanned > 0 && p.pagesScanned < p.pagesTotal), 'and is seen part way through one')
+  t.ok(seen.every((p, i) => i === 0 || p.fullScans >= seen[i - 1]!.fullScans), 'fullScans never goes back')
+  t.equal(seen.at(-1)!.fullScans, s.fullScans, 'the last call saw every full scan')
+  t.equal(seen.at(-1)!.pagesSharing, pages, 'and the pages saved')
+  throwsCoded(t, () => pm.mergeNow({ onProgress: 5 as unknown as () => void }), TypeError, ErrorCode.INVALID_ARG, 'onProgress not a function')
+  throwsCoded(t, () => pm.mergeNow({ onProgres: () => {} } as object), TypeError, ErrorCode.UNKNOWN_OPTION, 'misspelt option')
+  await t.rejects(pm.mergeNow({ onProgress: () => { throw Object.assign(new Error('from the callback'), { code: 'MINE' }) } }), { code: 'MINE' }, "a throwing callback rejects mergeNow() with its error")
+  t.equal(digest(a), digest(b), 'bytes intact')
+  await pm.close()
+})
+
 // ---- 11. counters agree with the OS ----------------------------------------------------------
 
 t.test('Pss falls by (pagesSharing + zeroPages) pages, within 5%', async (t) => {
