@@ -35,16 +35,16 @@ Exit status: 0 done, 1 failed, 2 bad usage.`,
   cli.addCommand(demoCommand())
   cli.addCommand(kernelCommand())
 
-  // Commander reports its own errors through these: fold each into one line (it puts a
-  // "Did you mean" hint on a line of its own), and end the process ourselves (exitOverride).
-  const outputError = (text: string, write: (s: string) => void) => {
-    write(`${NAME}: ${text.replace(/^error: /, '').replace(/\s*\n\s*/g, ' ').trim()}\n`)
+  // Commander reports its own errors through outputError: fold each into one line (it puts a
+  // "Did you mean" hint on a line of its own) that says where help is, and let main() choose the
+  // exit status (exitOverride) instead of commander.
+  const configure = (command: Command, path: string): void => {
+    command.exitOverride().configureOutput({
+      outputError: (text, write) => write(`${NAME}: ${text.replace(/^error: /, '').replace(/\s*\n\s*/g, ' ').trim()} (see '${path} --help')\n`),
+    })
+    for (const sub of command.commands) configure(sub, `${path} ${sub.name()}`)
   }
-  const configure = (command: Command): void => {
-    command.exitOverride().configureOutput({ outputError })
-    for (const sub of command.commands) configure(sub)
-  }
-  configure(cli)
+  configure(cli, NAME)
   return cli
 }
 

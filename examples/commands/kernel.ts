@@ -3,7 +3,7 @@
  * /sys/kernel/mm/ksm, /proc/self/ksm_stat and the ksmd thread report it. A file this kernel does
  * not have is shown as "absent" (null in JSON), never guessed.
  */
-import { moveCursor, clearScreenDown } from 'node:readline'
+import { clearScreenDown, cursorTo, moveCursor } from 'node:readline'
 import { stripVTControlCharacters } from 'node:util'
 import { Command, InvalidArgumentError } from 'commander'
 import { KernelKsm, type KernelStatus } from '../../lib/index'
@@ -113,7 +113,7 @@ export function renderReport(now: Sample, prev: Sample | undefined, c: Colors, w
   const sections: Section[] = []
   let rows: string[][] = []
   const section = (title: string) => sections.push({ title: c.bold(c.cyan(title)), rows: (rows = []) })
-  const row = (name: string, value: string, rate = '') => rows.push(withRates ? [name, value, c.green(rate)] : [name, value])
+  const row = (name: string, value: string, rate = '') => rows.push(withRates ? [name, value, rate && c.green(rate)] : [name, value])
   const show = (v: number | string | null, unit: (n: number) => string = fmt.int) =>
     v === null ? c.dim('absent') : typeof v === 'number' ? unit(v) : v
 
@@ -223,12 +223,16 @@ function watch(options: WatchOptions): Promise<void> {
       const frame =
         `${headline(now.report, c)}  ${c.dim(`${clock}, every ${options.interval} s, Ctrl-C to stop`)}\n` +
         renderReport(now, prev, c, true) + '\n'
+      const rows = rowsOf(frame, out.columns || 80) - 1 // the frame ends with a newline
       if (tty && drawnRows > 0) {
-        moveCursor(out, 0, -drawnRows)
+        // Over the last frame; a frame taller than the terminal cannot be reached by moving up, so
+        // it is drawn again from the top of the screen.
+        if (drawnRows < (out.rows || Infinity)) moveCursor(out, 0, -drawnRows)
+        else cursorTo(out, 0, 0)
         clearScreenDown(out)
       }
       out.write(tty ? frame : frame + '\n')
-      drawnRows = rowsOf(frame, out.columns || 80) - 1 // the frame ends with a newline
+      drawnRows = rows
     }
     prev = now
   }
