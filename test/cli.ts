@@ -188,6 +188,14 @@ t.test('kernel status', { skip: noKsm }, async (t) => {
   for (const [key, value] of Object.entries({ ...status.knobs, ...status.stats }))
     t.ok(value === null || typeof value === 'number' || typeof value === 'string', `${key}: a value or null (absent)`)
 
+  t.equal(status.process, null, 'no process without --pid')
+  const mine = JSON.parse((await cli(['kernel', 'status', '--json', '--pid', String(process.pid)])).stdout)
+  t.equal(mine.process.pid, process.pid, '--pid: that process')
+  t.type(mine.process.ksmStat?.ksmMergingPages ?? mine.process.mergingPages, 'number', "--pid: its ksm_stat or ksm_merging_pages")
+  const gone = await cli(['kernel', 'status', '--pid', '999999999'])
+  t.equal(gone.code, 1, '--pid of no process: exit 1')
+  t.same(lines(gone.stderr), ['pagemerge: --pid 999999999: no such process'])
+
   const text = await cli(['kernel', 'status'], { NO_COLOR: '1' })
   t.equal(text.code, 0, 'text: exit 0')
   t.match(text.stdout, /pages_to_scan\s+│\s+[\d,]+ │/, 'text: pages_to_scan in the knobs')

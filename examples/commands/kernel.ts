@@ -4,6 +4,7 @@
  * not have is shown as "absent" (null in JSON), never guessed.
  */
 import { clearScreenDown, cursorTo, moveCursor } from 'node:readline'
+import { existsSync } from 'node:fs'
 import { stripVTControlCharacters } from 'node:util'
 import { Command, InvalidArgumentError } from 'commander'
 import { KernelKsm, type KernelStatus } from '../../lib/index'
@@ -60,13 +61,14 @@ export interface KernelReport {
     zeroPagesBytes: number | null
     ksmdCpuSeconds: number | null
   }
-  process: KernelStatus['process']
+  /** /proc/<pid>/ksm_stat and ksm_merging_pages of the process given by --pid; null without --pid. */
+  process: (KernelStatus['process'] & { pid: number }) | null
   ksmd: { pid: number; cpuNs: number } | null
   /** Every file of /sys/kernel/mm/ksm as text, including ones this version does not know. */
   raw: Record<string, string>
 }
 
-export function kernelReport(status: KernelStatus, pageSize: number): KernelReport {
+export function kernelReport(status: KernelStatus, pageSize: number, pid?: number): KernelReport {
   const knobs: KernelReport['knobs'] = {}
   const stats: KernelReport['stats'] = {}
   const known = status.knobs as Record<string, number | string | undefined>
@@ -84,7 +86,7 @@ export function kernelReport(status: KernelStatus, pageSize: number): KernelRepo
       zeroPagesBytes: times(status.stats.ksmZeroPages),
       ksmdCpuSeconds: status.ksmd === undefined ? null : status.ksmd.cpuNs / 1e9,
     },
-    process: status.process,
+    process: pid === undefined ? null : { pid, ...status.process },
     ksmd: status.ksmd ?? null,
     raw: status.raw,
   }
@@ -140,11 +142,14 @@ export function renderReport(now: Sample, prev: Sample | undefined, c: Colors, w
     if (prev?.report.ksmd) cpu = `${((r.ksmd.cpuNs - prev.report.ksmd.cpuNs) / 1e4 / (now.at - prev.at)).toFixed(1)}% CPU`
     row(`ksmd CPU time (pid ${r.ksmd.pid})`, fmt.secs(r.ksmd.cpuNs / 1e6), cpu)
   }
-  section('this process (/proc/self/ksm_stat)')
-  if (r.process.ksmStat !== undefined)
-    for (const [key, value] of Object.entries(r.process.ksmStat)) row(fileName(key), typeof value === 'number' ? fmt.int(value) : String(value))
-  else row('ksm_stat', c.dim('absent'))
-  if (r.process.ksmStat?.ksmMergingPages === undefined) row('ksm_merging_pages', show(r.process.mergingPages ?? null))
+  if (r.process !== null) {
+    const { pid, ksmStat, mergingPages } = r.process
+    section(`process ${pid} (/proc/${pid}/ksm_stat)`)
+    if (ksmStat !== undefined)
+      for (const [key, value] of Object.entries(ksmStat)) row(fileName(key), typeof value === 'number' ? fmt.int(value) : String(value))
+    else row('ksm_stat', c.dim('absent'))
+    if (ksmStat?.ksmMergingPages === undefined) row('ksm_merging_pages', show(mergingPages ?? null))
+  }
   const head = withRates ? ['', c.bold('value'), c.bold('per second')] : ['', c.bold('value')]
   return sectionTables(sections, head, ['left', 'right', 'right'])
 }
@@ -155,14 +160,28 @@ function headline(r: KernelReport, c: Colors): string {
   return `${c.bold('kernel KSM')}: ${state}, ${fmt.int(Number(r.knobs.pagesToScan ?? 0))} pages every ${r.knobs.sleepMillisecs ?? '?'} ms`
 }
 
-/** Reads the status, failing in one line when this kernel has no KSM at all. */
-function read(ksm: KernelKsm, pageSize: number): Sample {
-  return { report: kernelReport(ksm.status(), pageSize), at: performance.now() }
+/** The kernel's KSM as seen from the process `pid` (its ksm_stat), or from ours when none is given. */
+function source(pid: number | undefined): KernelKsm {
+  if (pid === undefined) return new KernelKsm()
+  const dir = `/proc/${pid}`
+  if (!existsSync(dir)) throw new CliError(`--pid ${pid}: no such process`)
+  return new KernelKsm({ procSelf: dir })
+}
+
+function read(ksm: KernelKsm, pageSize: number, pid: number | undefined): Sample {
+  return { report: kernelReport(ksm.status(), pageSize, pid), at: performance.now() }
 }
 
 interface StatusOptions {
   json?: boolean
+  pid?: number
   color: boolean
+}
+
+function pidArg(value: string): number {
+  const n = Number(value)
+  if (!/^\d+$/.test(value.trim()) || !Number.isSafeInteger(n) || n < 1) throw new InvalidArgumentError('must be a process id')
+  return n
 }
 
 interface WatchOptions extends StatusOptions {
@@ -176,7 +195,7 @@ function intervalArg(value: string): number {
 }
 
 function status(options: StatusOptions): void {
-  const sample = read(new KernelKsm(), kernelPageSize())
+  const sample = read(source(options.pid), kernelPageSize(), options.pid)
   const r = sample.report
   if (options.json) process.stdout.write(JSON.stringify(r, null, 2) + '\n')
   if (!r.available) throw new CliError(`kernel KSM is not available: ${r.reason ?? 'no reason given'}`)
@@ -198,7 +217,7 @@ function rowsOf(text: string, columns: number): number {
  * terminal, one block after another into a pipe, one JSON object per line with --json.
  */
 function watch(options: WatchOptions): Promise<void> {
-  const ksm = new KernelKsm()
+  const ksm = source(options.pid)
   const pageSize = kernelPageSize()
   const out = process.stdout
   const tty = out.isTTY === true && !options.json
@@ -206,7 +225,7 @@ function watch(options: WatchOptions): Promise<void> {
   let prev: Sample | undefined
   let drawnRows = 0
 
-  const first = read(ksm, pageSize)
+  const first = read(ksm, pageSize, options.pid)
   if (!first.report.available) throw new CliError(`kernel KSM is not available: ${first.report.reason ?? 'no reason given'}`)
 
   const draw = (now: Sample): void => {
@@ -242,7 +261,7 @@ function watch(options: WatchOptions): Promise<void> {
     const showCursor = () => tty && out.write(SHOW_CURSOR)
     process.once('exit', showCursor) // however the process ends, the cursor comes back
     draw(first)
-    const timer = setInterval(() => draw(read(ksm, pageSize)), options.interval * 1000)
+    const timer = setInterval(() => draw(read(ksm, pageSize, options.pid)), options.interval * 1000)
     const stop = () => {
       clearInterval(timer)
       process.removeListener('SIGINT', stop)
@@ -279,13 +298,15 @@ Examples:
         "and ksmd's CPU time. Exits 1 if this kernel has no KSM (with --json, after printing it).",
     )
     .option('--json', 'print one JSON object instead of a table')
+    .option('-p, --pid <pid>', "also show this process's KSM counters (/proc/<pid>/ksm_stat)", pidArg)
     .addHelpText(
       'after',
       `
 Examples:
   $ pagemerge kernel status
   $ pagemerge kernel status --json
-  $ pagemerge kernel status --json | jq .derived.memorySavedBytes`,
+  $ pagemerge kernel status --json | jq .derived.memorySavedBytes
+  $ pagemerge kernel status --pid "$(pgrep -n node)"`,
     )
     .action((_options: unknown, command: Command) => status(command.optsWithGlobals<StatusOptions>()))
 
@@ -298,12 +319,14 @@ Examples:
     )
     .option('-n, --interval <seconds>', 'seconds between readings (0.1-3600)', intervalArg, 1)
     .option('--json', 'one JSON object per reading, one per line')
+    .option('-p, --pid <pid>', "also show this process's KSM counters (/proc/<pid>/ksm_stat)", pidArg)
     .addHelpText(
       'after',
       `
 Examples:
   $ pagemerge kernel watch
   $ pagemerge kernel watch --interval 5
+  $ pagemerge kernel watch --pid 1234
   $ pagemerge kernel watch --json | jq -c .rates`,
     )
     .action((_options: unknown, command: Command) => watch(command.optsWithGlobals<WatchOptions>()))
