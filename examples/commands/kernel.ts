@@ -279,8 +279,8 @@ export function kernelCommand(): Command {
   const kernel = new Command('kernel')
     .summary("the kernel's own KSM (ksmd): knobs, counters, what it saves")
     .description(
-      "Shows the kernel's same-page merging as /sys/kernel/mm/ksm, /proc/self/ksm_stat and the ksmd " +
-        'thread report it. A file this kernel does not have is shown as "absent" (null in JSON).',
+      "Shows the kernel's same-page merging as /sys/kernel/mm/ksm, the ksmd thread and (with --pid) " +
+        '/proc/<pid>/ksm_stat report it. A file this kernel does not have is shown as "absent" (null in JSON).',
     )
     .addHelpText(
       'after',
@@ -293,6 +293,7 @@ Examples:
 
   kernel
     .command('status')
+    .summary("ksmd's knobs, counters and what they save, once")
     .description(
       "Prints ksmd's knobs and counters, and what they come to: memory saved (pages_sharing x page size) " +
         "and ksmd's CPU time. Exits 1 if this kernel has no KSM (with --json, after printing it).",
@@ -312,6 +313,7 @@ Examples:
 
   kernel
     .command('watch')
+    .summary('the same every second, with rates, until Ctrl-C')
     .description(
       'Shows the same as status every second, with rates (pages merged and scanned per second, ksmd ' +
         'CPU), until interrupted (Ctrl-C exits 0). Redraws in place on a terminal; with --json, prints ' +
