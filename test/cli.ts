@@ -156,7 +156,7 @@ t.test('demo on a data set of our own: zero pages, text table, NO_COLOR', async 
   t.equal(json.merge.zeroPages, 3 * 32, 'every page of zeros.bin is dropped as a zero page')
   t.equal(json.verify.bytesDiffering, 0)
 
-  for (const extra of [{ NO_COLOR: '1' }, {}]) {
+  for (const extra of [{ NO_COLOR: '1' }, {}] as Record<string, string>[]) {
     const what = 'NO_COLOR' in extra ? 'NO_COLOR=1' : 'not a terminal'
     const r = await cli(['demo', '--data', dir, '--tenants', '3'], extra)
     t.equal(r.code, 0, `${what}: exit 0`)

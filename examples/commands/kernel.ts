@@ -104,9 +104,8 @@ function rateOf(key: string, now: Sample, prev: Sample | undefined): string {
   if (prev === undefined) return ''
   const a = prev.report.stats[key], b = now.report.stats[key]
   if (a == null || b == null) return ''
-  const perSecond = ((b - a) * 1000) / (now.at - prev.at)
-  const text = `${perSecond >= 0 ? '+' : ''}${fmt.int(Math.round(perSecond))}/s`
-  return text
+  const perSecond = Math.round(((b - a) * 1000) / (now.at - prev.at)) || 0 // no "-0"
+  return `${perSecond >= 0 ? '+' : ''}${fmt.int(perSecond)}/s`
 }
 
 /** The status as tables: knobs, counters, derived figures, this process; with rates when `withRates`. */
