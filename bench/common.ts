@@ -103,6 +103,20 @@ export class Series {
     const mid = s.length >> 1
     return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2
   }
+  get min(): number {
+    return Math.min(...this.samples)
+  }
+  get max(): number {
+    return Math.max(...this.samples)
+  }
+}
+
+/** The median of plain numbers (NaN for none). */
+export function median(values: number[]): number {
+  if (values.length === 0) return NaN
+  const s = new Series()
+  for (const v of values) s.push(v)
+  return s.median
 }
 
 export const series = () => new Series()
@@ -154,4 +168,59 @@ export function printTable(rows: Row[]): void {
   console.log(line(['measurement', 'median', 'runs', 'goal', 'result']))
   console.log(line(w.map((n) => '-'.repeat(n)).concat('------')))
   for (const r of rows) console.log(line([r.name, r.value, r.samples, r.goal ?? '', r.pass === undefined ? '' : r.pass === true ? 'PASS' : r.pass === false ? 'MISS' : r.pass]))
+}
+
+/**
+ * A table of columns: a header row, a rule, then rows, each column padded to its widest cell
+ * (numbers read best right-aligned: `right[i]`).
+ */
+export function printGrid(header: string[], rows: string[][], right: boolean[] = [], out: (line: string) => void = console.log): void {
+  const w = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)))
+  const line = (c: string[]) => c.map((s, i) => (right[i] ? s.padStart(w[i]!) : s.padEnd(w[i]!))).join('  ').trimEnd()
+  out(line(header))
+  out(line(w.map((n) => '-'.repeat(n))))
+  for (const r of rows) out(line(header.map((_, i) => r[i] ?? '')))
+}
+
+/** Every `key value` line of /proc/<pid>/ksm_stat (ksm_rmap_items, ksm_merging_pages, ksm_zero_pages, ksm_process_profit, ...) as numbers; `{}` where the kernel has none. */
+export function ksmStat(pid: number | 'self' = 'self'): Record<string, number> {
+  const out: Record<string, number> = {}
+  let text: string
+  try {
+    text = readFileSync(`/proc/${pid}/ksm_stat`, 'utf8')
+  } catch {
+    return out
+  }
+  for (const m of text.matchAll(/^(\w+)\s+(-?\d+)$/gm)) out[m[1]!] = Number(m[2])
+  return out
+}
+
+/** Nanoseconds the calling thread has run on a CPU (/proc/thread-self/schedstat): one thread's CPU, which process.cpuUsage() cannot give. */
+export function threadCpuNs(): number {
+  return Number(readFileSync('/proc/thread-self/schedstat', 'utf8').split(' ')[0])
+}
+
+/**
+ * A status line on stderr: rewritten in place on a terminal; elsewhere only the lines given to
+ * `log()` are printed, so that logs stay readable.
+ */
+export function progressLine(): { update(text: string): void; log(text: string): void; clear(): void } {
+  const tty = process.stderr.isTTY === true
+  let shown = false
+  return {
+    update(text) {
+      if (!tty) return
+      process.stderr.write(`\r${text.slice(0, (process.stderr.columns || 120) - 1)}\x1b[K`)
+      shown = true
+    },
+    log(text) {
+      if (tty && shown) process.stderr.write('\r\x1b[K')
+      process.stderr.write(`${text}\n`)
+      shown = false
+    },
+    clear() {
+      if (tty && shown) process.stderr.write('\r\x1b[K')
+      shown = false
+    },
+  }
 }
