@@ -138,7 +138,7 @@ function measureMerge(arena: NativeArena, seed: number): void {
   const arenaBytes = arena.stats().arenaBytes
   let stabilized = 0, merged = 0, stab = 0, merge = 0
   const cpu = cpuTime(() => {
-    stab = time(() => (stabilized = arena.stabilize(new Uint32Array([arena.idOf(a), 0, pages]), status, budget, pool)))
+    stab = time(() => (stabilized = arena.stabilize(new Uint32Array([arena.idOf(a), 0, pages, 1]), status, budget, pool)))
     check('stabilize', stabilized, pages, status)
     merge = time(() => (merged = arena.merge(new Uint32Array([arena.idOf(b), 0, pool[0]!, pages]), status, budget)))
     check('merge', merged, pages, status)

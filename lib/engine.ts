@@ -102,6 +102,9 @@ interface Region {
   domain: number
 }
 
+/** Marks a stable page's pool number as provisional: its run has not been made yet (pool pages stay below 2^31). */
+const PROVISIONAL = 0x80000000
+
 /** Actions planned for the pages of one batch. */
 const Plan = { NONE: 0, ZERO: 1, STABLE: 2 } as const
 
@@ -688,9 +691,7 @@ export class Engine {
       }
     })
     this.applyZero(shards, held)
-    const failed = this.applyOwners(owners)
-    this.applyMerges(shards, held)
-    for (const n of failed) this.dropSharer(n)
+    this.applyStable(owners, shards, held)
   }
 
   private applyZero(shards: Shard[], held: Region[]): void {
@@ -715,44 +716,85 @@ export class Engine {
     })
   }
 
-  /** Makes the planned stable pages: each run of owners' pages becomes pool pages in place. Returns nodes that failed. */
-  private applyOwners(owners: number[]): number[] {
-    if (owners.length === 0) return []
+  /**
+   * Makes the planned stable pages, then maps the planned pages onto them. Each run of owners'
+   * pages becomes pool pages in place; until the bridge says where, their nodes hold provisional
+   * pool numbers (contiguous within a run, a gap between runs), so that the merge extents can be
+   * planned first and each run made only if the merges onto it fit the mapping budget too.
+   */
+  private applyStable(owners: number[], shards: Shard[], held: Region[]): void {
     const { flags, words } = this.pages
+    const pool = this.stable.pool
     owners.sort((a, b) => a - b)
-    const ext: number[] = []
+    const runs: number[] = [] // [id, page, count, follow, first slot, first provisional number]
+    let next = 0
     for (let i = 0; i < owners.length; ) {
       const r = this.regionOfSlot(owners[i]!)
       let j = i + 1
       if (r) while (j < owners.length && owners[j] === owners[j - 1]! + 1 && owners[j]! < r.slot + r.pages) j++
-      if (r) ext.push(r.id, owners[i]! - r.slot, j - i, owners[i]!)
+      if (r) {
+        runs.push(r.id, owners[i]! - r.slot, j - i, 0, owners[i]!, next)
+        for (let k = 0; k < j - i; k++) pool[words[2 * (owners[i]! + k)]!] = PROVISIONAL | (next + k)
+        next += j - i + 1
+      }
       i = j
     }
-    const failed: number[] = []
-    const outPool = new Uint32Array(ext.length / 4)
-    this.run(ext, 4, 3, 2, (extents, status) => this.arena.stabilize(extents, status, this.options.mapBudget, outPool), (e, ok, n) => {
+    const runOf = (provisional: number) => {
+      const at = provisional & ~PROVISIONAL
+      let lo = 0, hi = runs.length / 6 - 1
+      while (lo < hi) {
+        const mid = (lo + hi + 1) >> 1
+        if (runs[mid * 6 + 5]! <= at) lo = mid
+        else hi = mid - 1
+      }
+      return lo
+    }
+    const merges = this.planMerges(shards, held) // [id, page, pool, count, slot, batch index]
+    for (let m = 0; m < merges.length; m += 6) if (merges[m + 2]! & PROVISIONAL) runs[runOf(merges[m + 2]!) * 6 + 3]!++
+    const made = new Int32Array(runs.length / 6).fill(-1) // first pool page of each run, or -1
+    const outPool = new Uint32Array(runs.length / 6)
+    this.run(runs, 6, 4, 2, (extents, status) => this.arena.stabilize(extents, status, this.options.mapBudget, outPool), (e, ok, n) => {
+      if (ok) made[n] = outPool[n]!
       for (let k = 0; k < e[2]!; k++) {
-        const s = e[3]! + k
+        const s = e[4]! + k
         const node = words[2 * s]!
         flags[s] = flags[s]! & ~Flag.PENDING
         if (ok) {
-          this.stable.pool[node] = outPool[n]! + k
+          pool[node] = outPool[n]! + k
           flags[s] = flags[s]! | Flag.MERGED | Flag.OWNER
         } else {
-          failed.push(node)
+          pool[node] = NO_POOL
           flags[s] = flags[s]! & ~Flag.HASHED // its words hold the node now: hashed afresh next time
         }
       }
     })
-    for (const s of owners) // owners whose region went away before the extent was made
-      if (flags[s]! & Flag.PENDING) {
-        flags[s] = flags[s]! & ~(Flag.PENDING | Flag.HASHED)
-        failed.push(words[2 * s]!)
+    for (const s of owners) // owners whose region went away before the run was made
+      if (flags[s]! & Flag.PENDING) flags[s] = flags[s]! & ~(Flag.PENDING | Flag.HASHED)
+    // Provisional numbers become pool pages; merges onto a run that was not made are dropped. The
+    // merges onto new runs go first: their room in the budget was kept by stabilize().
+    const onNew: number[] = [], onOld: number[] = []
+    for (let m = 0; m < merges.length; m += 6) {
+      const first = merges[m + 2]!
+      const record = merges.slice(m, m + 6)
+      if (!(first & PROVISIONAL)) {
+        onOld.push(...record)
+        continue
       }
-    return failed
+      const n = runOf(first)
+      if (made[n]! < 0) {
+        for (let k = 0; k < record[3]!; k++) this.dropSharer(this.planNode[record[5]! + k]!)
+        continue
+      }
+      record[2] = made[n]! + ((first & ~PROVISIONAL) - runs[n * 6 + 5]!)
+      onNew.push(...record)
+    }
+    this.applyMerges(onNew.concat(onOld))
+    for (let i = 0; i < runs.length; i += 6) if (made[i / 6]! < 0) for (let k = 0; k < runs[i + 2]!; k++) this.dropSharer(words[2 * (runs[i + 4]! + k)]!)
+    for (const s of owners) if (!this.regionOfSlot(s)) this.dropSharer(words[2 * s]!)
   }
 
-  private applyMerges(shards: Shard[], held: Region[]): void {
+  /** The merge extents of the batch's planned pages: runs of pages planned onto consecutive pool pages. */
+  private planMerges(shards: Shard[], held: Region[]): number[] {
     const { plan, planNode } = this
     const pool = this.stable.pool
     const ext: number[] = []
@@ -776,6 +818,11 @@ export class Engine {
         k = end
       }
     })
+    return ext
+  }
+
+  private applyMerges(ext: number[]): void {
+    const { planNode } = this
     const { flags, words } = this.pages
     this.run(ext, 6, 4, 3, (extents, status) => this.arena.merge(extents, status, this.options.mapBudget), (e, ok) => {
       for (let k = 0; k < e[3]!; k++) {

@@ -42,7 +42,11 @@ export interface NativeArena {
   /** Page-aligned memory of whole pages: a memfd window (`shared`) or private anonymous memory. */
   alloc(bytes: number, shared: boolean): SharedArrayBuffer
   idOf(buffer: Bytes): number
-  /** Records [id, page, count]; makes each run pool pages, writing their first pool page to outPool. */
+  /**
+   * Records [id, page, count, follow]; makes each run pool pages, writing their first pool page to
+   * outPool. `follow` merge extents will map them: their cuts must fit the budget too, and are held
+   * for the next merge() call.
+   */
   stabilize(extents: Uint32Array, status: Int32Array, budget: number, outPool: Uint32Array): number
   /** Records [id, page, poolPage, count]; verifies bytes, then remaps copy-on-write onto the pool. */
   merge(extents: Uint32Array, status: Int32Array, budget: number): number

@@ -194,6 +194,8 @@ struct ArenaCore {
   std::vector<Owner*> deferred;  // buffers freed by a GC that ran inside a call on this arena
   std::unique_ptr<uint8_t[]> bounce{new uint8_t[kBounce]};  // pool bytes read back for comparison
   int64_t mappings = -1;                                     // estimate of the process's mappings
+  bool dirty = true;     // the estimate has our own worst cases added since the last count
+  int64_t reserved = 0;  // of which: cuts stabilize() counted for the merges onto its pool pages, not made yet
   std::chrono::steady_clock::time_point counted;
   uint64_t poolPages = 0, poolMappings = 0, trackedPages = 0, punchFailures = 0;
 
@@ -332,21 +334,25 @@ struct ArenaCore {
   }
 
   // Whether `cost` more mappings fit under `budget`; if so they are counted as taken. The
-  // process's mappings are counted again (reading /proc/self/maps costs ~1 µs per mapping) only
-  // when the estimate is near the budget or a second old; in between, our own changes are added
-  // at their worst case, so the estimate only errs high.
+  // process's mappings are counted again (reading /proc/self/maps costs ~1 µs per mapping) when
+  // the estimate is a second old, or near the budget and either holds our own worst cases or is
+  // 100 ms old: a run of refused extents does not read the file once each. In between, our own
+  // changes are added at their worst case, so the estimate only errs high.
   bool Fits(int64_t cost, double budget) {
     if (cost <= 0) return true;
     auto now = std::chrono::steady_clock::now();
     double margin = std::max(256.0, budget / 32);
-    if (mappings < 0 || static_cast<double>(mappings + cost) > budget - margin || now - counted > std::chrono::seconds(1)) {
+    bool near = static_cast<double>(mappings + cost) > budget - margin;
+    if (mappings < 0 || now - counted > std::chrono::seconds(1) || (near && (dirty || now - counted > std::chrono::milliseconds(100)))) {
       int64_t n = CountMappings();
       if (n < 0) return false;
-      mappings = n;
+      mappings = n + reserved;
       counted = now;
+      dirty = false;
     }
     if (static_cast<double>(mappings + cost) > budget) return false;
     mappings += cost;
+    dirty = true;
     return true;
   }
 
@@ -637,13 +643,16 @@ class Arena : public Napi::ObjectWrap<Arena> {
     return true;
   }
 
-  // stabilize(extents [id, page, count], status, budget, outPool: Uint32Array) -> pages made pool pages.
-  // Shared-window pages become pool pages where they lie (no copy); others are copied into new pool pages.
+  // stabilize(extents [id, page, count, follow], status, budget, outPool: Uint32Array) -> pages made
+  // pool pages. Shared-window pages become pool pages where they lie (no copy); others are copied
+  // into new pool pages. `follow` is the number of merge extents that will map the new pool pages:
+  // an extent is taken only if their cuts fit too, and those are reserved for the next merge() call,
+  // so that the budget is not spent on stable pages that nothing can then map.
   Napi::Value Stabilize(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     Extents ex;
     double budget;
-    if (!ReadExtents(info, 3, true, &ex) || !ReadBudget(info, 2, &budget)) return Napi::Value();
+    if (!ReadExtents(info, 4, true, &ex) || !ReadBudget(info, 2, &budget)) return Napi::Value();
     Bytes outPool;
     if (GetBytes(info[3], &outPool) != ViewKind::kUint32 || outPool.length / 4 < ex.n)
       return ThrowType(env, code::INVALID_ARG, "outPool must be a Uint32Array with one entry per extent");
@@ -651,10 +660,10 @@ class Arena : public Napi::ObjectWrap<Arena> {
     ArenaLock lock(*core_);
     ArenaCore& c = *core_;
     std::vector<Allocation*> alloc;
-    if (!ResolveAll(env, ex, 3, 2, &alloc)) return Napi::Value();
+    if (!ResolveAll(env, ex, 4, 2, &alloc)) return Napi::Value();
     uint64_t done = 0;
     for (size_t i = 0; i < ex.n; i++) {
-      const uint32_t* r = ex.rec + i * 3;
+      const uint32_t* r = ex.rec + i * 4;
       Allocation* a = alloc[i];
       poolOut[i] = kNoPool;
       if (!a) {
@@ -662,10 +671,12 @@ class Arena : public Napi::ObjectWrap<Arena> {
         continue;
       }
       uint64_t page = r[1], count = r[2], len = count * kPage;
-      if (!c.Fits(kCuts, budget)) {
+      int64_t follow = kCuts * static_cast<int64_t>(r[3]);
+      if (!c.Fits(kCuts + follow, budget)) {
         ex.status[i] = kBudget;
         continue;
       }
+      c.reserved += follow;  // counted by Fits; released by the next merge()
       uint8_t* dst = a->base + page * kPage;
       uint64_t target;
       bool copied = !AllState(*a, page, count, kShared);
@@ -729,7 +740,9 @@ class Arena : public Napi::ObjectWrap<Arena> {
         ex.status[i] = kGone;
         continue;
       }
-      if (!c.Fits(kCuts, budget)) {
+      if (c.reserved >= kCuts && c.mappings >= 0 && static_cast<double>(c.mappings) <= budget) {
+        c.reserved -= kCuts;  // counted when stabilize() made the pool pages (and within this budget)
+      } else if (!c.Fits(kCuts, budget)) {
         ex.status[i] = kBudget;
         continue;
       }
@@ -747,6 +760,8 @@ class Arena : public Napi::ObjectWrap<Arena> {
       ex.status[i] = kOk;
       done += count;
     }
+    if (c.mappings >= 0) c.mappings -= c.reserved;  // reserved cuts whose merges were not asked for
+    c.reserved = 0;
     return Napi::Number::New(env, static_cast<double>(done));
   }
 

@@ -19,7 +19,7 @@ function mergePair(arena: InstanceType<typeof native.Arena>, a: Uint8Array, b: U
   const pages = a.byteLength / PAGE
   const status = new Int32Array(1)
   const pool = new Uint32Array(1)
-  const stabilized = arena.stabilize(new Uint32Array([arena.idOf(a), 0, pages]), status, BUDGET, pool)
+  const stabilized = arena.stabilize(new Uint32Array([arena.idOf(a), 0, pages, 1]), status, BUDGET, pool)
   if (stabilized !== pages || status[0] !== Status.OK) throw new Error(`stabilize: ${status[0]}`)
   const merged = arena.merge(new Uint32Array([arena.idOf(b), 0, pool[0]!, pages]), status, BUDGET)
   if (merged !== pages || status[0] !== Status.OK) throw new Error(`merge: ${status[0]}`)
@@ -111,7 +111,7 @@ t.test('a merge whose bytes no longer match is refused and reported, nothing cha
   const { a, b } = pair(arena, 1 * MiB, 3)
   const status = new Int32Array(2)
   const pool = new Uint32Array(1)
-  arena.stabilize(new Uint32Array([arena.idOf(a), 0, 256]), status, BUDGET, pool)
+  arena.stabilize(new Uint32Array([arena.idOf(a), 0, 256, 1]), status, BUDGET, pool)
   b[200 * PAGE + 1] = b[200 * PAGE + 1]! ^ 1 // changed after the planner decided
   const db = digest(b)
   const merged = arena.merge(
@@ -164,7 +164,7 @@ t.test('dropping the last reference unmaps the buffer and frees the pool pages o
   fillRandom(self.subarray(0, 4 * MiB), 6)
   self.copyWithin(4 * MiB, 0, 4 * MiB)
   const status = new Int32Array(1), pool = new Uint32Array(1)
-  arena.stabilize(new Uint32Array([arena.idOf(self), 0, 1024]), status, BUDGET, pool)
+  arena.stabilize(new Uint32Array([arena.idOf(self), 0, 1024, 1]), status, BUDGET, pool)
   arena.merge(new Uint32Array([arena.idOf(self), 1024, pool[0]!, 1024]), status, BUDGET)
   t.equal(status[0], Status.OK)
   t.equal(arena.stats().arenaBytes, 12 * MiB)
@@ -179,7 +179,7 @@ t.test('a merge that would pass the mapping budget is refused, nothing changed',
   const arena = new native.Arena()
   const { a, b } = pair(arena, 1 * MiB, 7)
   const status = new Int32Array(1), pool = new Uint32Array(1)
-  arena.stabilize(new Uint32Array([arena.idOf(a), 0, 256]), status, BUDGET, pool)
+  arena.stabilize(new Uint32Array([arena.idOf(a), 0, 256, 1]), status, BUDGET, pool)
   const budget = native.mappingCount() + 1 // an interior extent may cost two
   const db = digest(b)
   t.equal(arena.merge(new Uint32Array([arena.idOf(b), 10, pool[0]! + 10, 5]), status, budget), 0)
@@ -198,13 +198,36 @@ t.test('neighbouring buffers share mappings, and the budget still holds', async 
   const bufs = Array.from({ length: 1000 }, (_, i) => fillRandom(new Uint8Array(arena.alloc(8192, true)), 100 + i))
   const budget = native.mappingCount() + 10
   // every other buffer: each remapped one cuts the shared mapping of its neighbours (two more mappings)
-  const extents = new Uint32Array(bufs.flatMap((b, i) => (i % 2 ? [] : [arena.idOf(b), 0, 2])))
+  const extents = new Uint32Array(bufs.flatMap((b, i) => (i % 2 ? [] : [arena.idOf(b), 0, 2, 0])))
   const status = new Int32Array(500), pool = new Uint32Array(500)
   const done = arena.stabilize(extents, status, budget, pool)
   t.ok(native.mappingCount() <= budget, `${native.mappingCount()} mappings, budget ${budget}`)
   t.ok(done > 0 && done < 1000, `${done / 2} buffers were remapped, the rest refused`)
   t.equal(status.filter((s) => s === Status.BUDGET).length, 500 - done / 2, 'each refused one says BUDGET')
   t.ok(bufs.every((b, i) => digest(b) === digest(fillRandom(new Uint8Array(8192), 100 + i))), 'bytes intact')
+})
+
+t.test('stabilize() keeps room in the budget for the merges that follow it', async (t) => {
+  const arena = new native.Arena()
+  // 20 pairs of separate 2-page buffers (a gap between each keeps them apart), the same bytes within a pair
+  const pairs = Array.from({ length: 20 }, (_, i) => {
+    const a = fillRandom(new Uint8Array(arena.alloc(8192, true)), 300 + i), b = new Uint8Array(arena.alloc(8192, true))
+    b.set(a)
+    arena.alloc(4096, false) // a private page between pairs: its own mapping either way
+    return [a, b] as const
+  })
+  const budget = native.mappingCount() + 20
+  const status = new Int32Array(20), pool = new Uint32Array(20)
+  // each owner is followed by one merge: 2 cuts for the stable page, 2 held for its merge
+  const stable = arena.stabilize(new Uint32Array(pairs.flatMap(([a]) => [arena.idOf(a), 0, 2, 1])), status, budget, pool)
+  const taken = stable / 2
+  t.ok(taken > 0 && taken < 20, `${taken} of 20 stable pages made, each with room for its merge`)
+  const ok = [...status.keys()].filter((i) => status[i] === Status.OK)
+  const merges = new Uint32Array(ok.flatMap((i) => [arena.idOf(pairs[i]![1]), 0, pool[i]!, 2]))
+  const mstatus = new Int32Array(ok.length)
+  t.equal(arena.merge(merges, mstatus, budget), 2 * taken, 'and every one of their merges fits')
+  t.ok(native.mappingCount() <= budget, `${native.mappingCount()} mappings, budget ${budget}`)
+  t.ok(pairs.every(([a, b], i) => digest(a) === digest(b) && digest(a) === digest(fillRandom(new Uint8Array(8192), 300 + i))), 'bytes intact')
 })
 
 t.test('private anonymous buffers merge by copying into the pool', async (t) => {

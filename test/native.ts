@@ -68,7 +68,7 @@ t.test('bad input: a code, and nothing changed', async (t) => {
     ['extents of the wrong length', () => arena.merge(new Uint32Array([id, 0, 0]), status, 1e9), ErrorCode.INVALID_ARG, TypeError],
     ['no status array', () => arena.merge(new Uint32Array([id, 0, 0, 1]), undefined as unknown as Int32Array, 1e9), ErrorCode.INVALID_ARG, TypeError],
     ['a negative budget', () => arena.dropZero(new Uint32Array([id, 0, 1]), status, -1), ErrorCode.INVALID_ARG, TypeError],
-    ['a stabilize without an output array', () => arena.stabilize(new Uint32Array([id, 0, 1]), status, 1e9, undefined as unknown as Uint32Array), ErrorCode.INVALID_ARG, TypeError],
+    ['a stabilize without an output array', () => arena.stabilize(new Uint32Array([id, 0, 1, 0]), status, 1e9, undefined as unknown as Uint32Array), ErrorCode.INVALID_ARG, TypeError],
     ['an address outside any allocation', () => native.hashAt(4096n, 0, 1, out, 0), ErrorCode.FOREIGN_BUFFER, TypeError],
     ['a misaligned address', () => native.hashAt(native.addressOf(a) + 1n, 0, 1, out, 0), ErrorCode.MISALIGNED, RangeError],
   ]
@@ -128,7 +128,7 @@ t.test('the addon loads and works in several worker threads at once', async (t) 
     for (let i = 0; i < a.length; i++) a[i] = (i * 7 + workerData.n) & 255
     b.set(a)
     const status = new Int32Array(1), pool = new Uint32Array(1)
-    arena.stabilize(new Uint32Array([arena.idOf(a), 0, 256]), status, 1e9, pool)
+    arena.stabilize(new Uint32Array([arena.idOf(a), 0, 256, 1]), status, 1e9, pool)
     const merged = arena.merge(new Uint32Array([arena.idOf(b), 0, pool[0], 256]), status, 1e9)
     parentPort.postMessage({ hashes: out, merged, same: Buffer.compare(Buffer.from(a.buffer), Buffer.from(b.buffer)) === 0 })`
   const workers = Array.from({ length: 4 }, (_, n) => new Worker(code, { eval: true, workerData: { sab: shared.buffer, n } }))
