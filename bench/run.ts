@@ -699,6 +699,8 @@ async function main(): Promise<void> {
   process.on('SIGTERM', onSignal)
   ksmdCheck()
   const tasks = plan(opts)
+  // pages of processes that exited while ksmd was stopped are still counted (and would be cleaned up on a contender's time)
+  if (!ksmdSkip && tasks.some((t) => CONTENDERS[t.contender].ksmd) && ksmPages(kernel.status()) > 0) await settleKsmd(0)
   taskCount = tasks.length
   const t0 = process.hrtime.bigint()
   const res: Results = []
