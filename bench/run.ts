@@ -283,7 +283,7 @@ async function runTask(task: Task, opts: Options): Promise<Measured | Failure> {
     const freedOverTime: [number, number][] = []
     let goAt = 0n
     const samplePss = () => {
-      if (!task.sample || goAt === 0n) return
+      if (!task.sample || goAt === 0n || messages.some((m) => m.type === 'result')) return // after its result the child exits, and its memory goes
       try {
         const text = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8')
         const kb = (field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB$`, 'm').exec(text)?.[1] ?? NaN) * 1024
@@ -687,7 +687,11 @@ function chart(res: Results, opts: Options): string {
       { title: `clones ${opts.sizeMiB} MiB: Pss freed while merging`, xLabel: 'seconds since start', yLabel: 'MiB freed (Pss_Anon + Pss_Shmem)', series: [...series('pm-now', '#d62728'), ...series('ksmd-tuned', '#1f77b4'), ...idealLine('ksmd-tuned')] },
       { title: `clones ${opts.backgroundSizeMiB} MiB, background at 100 pages / 20 ms`, xLabel: 'seconds since start', yLabel: 'MiB freed (Pss_Anon + Pss_Shmem)', series: [...series('pm-bg', '#d62728'), ...series('ksmd-default', '#1f77b4'), ...idealLine('ksmd-default')] },
     ],
-    `Pss of each contender's process, sampled every ${POLL_MS} ms. pagemerge's remapped pages count again once read back, so its curve dips below the final value and rises as the check reads them. ${machineLine()}`,
+    [
+      `Pss_Anon + Pss_Shmem of each contender's process, sampled every ${POLL_MS} ms by the bench. pagemerge's remapped pages are counted again only once read back,`,
+      'so its curve overshoots while it remaps and settles as the byte check reads every page; ksmd keeps pages mapped while it merges them.',
+      machineLine(),
+    ],
   )
 }
 

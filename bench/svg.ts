@@ -19,7 +19,7 @@ export interface ChartPanel {
   series: ChartSeries[]
 }
 
-const W = 560 // one panel
+const W = 600 // one panel
 const H = 360
 const M = { left: 64, right: 16, top: 40, bottom: 48 }
 
@@ -59,21 +59,21 @@ function panel(p: ChartPanel, dx: number): string {
       const d = s.points.map(([x, y]) => `${X(x).toFixed(1)},${Y(y).toFixed(1)}`).join(' ')
       out.push(`<polyline fill="none" stroke="${s.color}" stroke-width="2"${s.dashed ? ' stroke-dasharray="6 4"' : ''} points="${d}"/>`)
     }
-    const ly = M.top + 8 + i * 18
-    out.push(`<line x1="${X(xMax) - 190}" x2="${X(xMax) - 170}" y1="${ly}" y2="${ly}" stroke="${s.color}" stroke-width="2"${s.dashed ? ' stroke-dasharray="6 4"' : ''}/><text x="${X(xMax) - 164}" y="${ly + 4}">${esc(s.name)}</text>`)
+    const ly = M.top + 10 + i * 18 // top left: every curve starts at the bottom left and rises
+    out.push(`<line x1="${X(0) + 10}" x2="${X(0) + 30}" y1="${ly}" y2="${ly}" stroke="${s.color}" stroke-width="2"${s.dashed ? ' stroke-dasharray="6 4"' : ''}/><text x="${X(0) + 36}" y="${ly + 4}">${esc(s.name)}</text>`)
   })
   return out.join('\n')
 }
 
-/** The chart as an SVG document: `panels` side by side, `note` under them. */
-export function lineChart(panels: ChartPanel[], note = ''): string {
+/** The chart as an SVG document: `panels` side by side, `notes` (one line each) under them. */
+export function lineChart(panels: ChartPanel[], notes: string[] = []): string {
   const width = W * Math.max(1, panels.length)
-  const height = H + (note ? 24 : 0)
+  const height = H + notes.length * 16 + (notes.length ? 8 : 0)
   return [
     `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}" font-family="sans-serif" font-size="12">`,
     `<rect width="100%" height="100%" fill="white"/>`,
     ...panels.map((p, i) => panel(p, i * W)),
-    note ? `<text x="8" y="${H + 16}" fill="#555">${esc(note)}</text>` : '',
+    ...notes.map((n, i) => `<text x="8" y="${H + 12 + i * 16}" fill="#555">${esc(n)}</text>`),
     '</svg>',
     '',
   ].join('\n')
