@@ -146,7 +146,7 @@ function ksmdCheck(): void {
   const a = kernelKsmAvailable()
   knobsBefore = kernel.status().knobs
   if (!a.ok) ksmdSkip = a.reason ?? 'no KSM in this kernel'
-  else if (!a.canTune) ksmdSkip = a.reason ?? 'cannot write /sys/kernel/mm/ksm (needs root)'
+  else if (!a.canTune) ksmdSkip = a.reason?.split('; ').filter((r) => !r.includes('not running') && !r.startsWith('tune(')).join('; ') || 'cannot write /sys/kernel/mm/ksm (needs root)'
 }
 
 /** Puts back every knob the bench changed; says so on stderr if the kernel refuses. */
@@ -494,7 +494,7 @@ function ratioGoal(res: Results, runs: number, w: WorkloadName, a: ContenderId, 
 
 function whyMissing(failures: Failure[], w: WorkloadName, cs: ContenderId[]): string {
   const f = failures.find((x) => x.workload === w && cs.includes(x.contender))
-  if (!f) return `${w} was not run`
+  if (!f) return `not run (--only or --contenders)`
   return `${CONTENDERS[f.contender].label} ${f.skipped ? `skipped: ${f.skipped}` : `failed: ${f.error?.split('\n')[0]}`}`
 }
 
@@ -663,7 +663,11 @@ function summaryLine(gs: Goal[], seconds: number, loadBefore: number): string {
   const unmeasured = gs.filter((g) => g.pass === null && g.goal !== '')
   const missed = measured.filter((g) => !g.pass)
   let s = `bench: ${measured.length - missed.length} of ${measured.length} goals met`
-  if (unmeasured.length) s += `, ${unmeasured.length} not measured (${unmeasured.map((g) => `${g.name}: ${g.why}`).join('; ')})`
+  if (unmeasured.length) {
+    const why = new Map<string, string[]>()
+    for (const g of unmeasured) why.set(g.why ?? '?', [...(why.get(g.why ?? '?') ?? []), g.name])
+    s += `, ${unmeasured.length} not measured (${[...why].map(([reason, names]) => `${names.join(', ')}: ${reason}`).join('; ')})`
+  }
   if (missed.length) s += `; MISS: ${missed.map((g) => `${g.name} = ${g.unit(g.value)} (goal ${g.goal})`).join('; ')}`
   return `${s}; ${seconds.toFixed(0)} s in all; load average ${loadBefore.toFixed(2)} before, ${loadavg()[0]!.toFixed(2)} after`
 }
@@ -697,6 +701,8 @@ function chart(res: Results, opts: Options): string {
 
 async function main(): Promise<void> {
   const opts = options()
+  const mc = machine() // loads the addon: without it nothing can run, so say so first
+  const mcLine = machineLine()
   const startedAt = new Date()
   const loadBefore = loadavg()[0]!
   process.on('SIGINT', onSignal)
@@ -728,7 +734,7 @@ async function main(): Promise<void> {
     command,
     startedAt: startedAt.toISOString(),
     seconds,
-    machine: machine(),
+    machine: mc,
     loadAverage: { before: loadBefore, after: loadavg()[0] },
     options: opts,
     ksmd: { skipped: ksmdSkip ?? null, knobsBefore, knobsAfter, restored: JSON.stringify(knobsBefore) === JSON.stringify(knobsAfter) },
@@ -751,7 +757,7 @@ async function main(): Promise<void> {
   }
   const out = (line: string) => console.log(line)
   out(`pagemerge bench: ${opts.scale ? `clones at ${SCALE_SIZES_MIB.map((m) => mibs(m * MiB)).join(', ')}` : `${opts.only.join(', ')} at ${mibs(opts.sizeMiB * MiB)}${opts.background ? `, background at ${mibs(opts.backgroundSizeMiB * MiB)}` : ''}`}; ${opts.runs} run${opts.runs > 1 ? 's, medians [min-max]' : ''}`)
-  out(machineLine())
+  out(mcLine)
   out(`ksmd: ${ksmdSkip ? `skipped: ${ksmdSkip}` : `use_zero_pages=${knobsBefore.useZeroPages ?? '?'}, smart_scan=${knobsBefore.smartScan ?? '?'}, max_page_sharing=${knobsBefore.maxPageSharing ?? '?'}; knobs ${json.ksmd.restored ? 'restored' : 'NOT restored'} (run=${knobsAfter.run}, pages_to_scan=${knobsAfter.pagesToScan}, sleep_millisecs=${knobsAfter.sleepMillisecs})`}`)
   out(`command: ${command}`)
   tables(res, failures, opts, out)
