@@ -9,6 +9,7 @@
         "native/pages.cc",
         "native/procfs.cc",
         "native/registry.cc",
+        "native/remote.cc",
         "native/v8_buffers.cc"
       ],
       "include_dirs": [
@@ -25,7 +26,7 @@
       "cflags_cc!": ["-fno-exceptions"],
       "cflags_cc": ["-std=c++17", "-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
       "conditions": [
-        ["OS!='linux'", { "sources!": ["native/arena.cc", "native/kernel.cc", "native/procfs.cc"] }]
+        ["OS!='linux'", { "sources!": ["native/arena.cc", "native/kernel.cc", "native/procfs.cc", "native/remote.cc"] }]
       ]
     }
   ]

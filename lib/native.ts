@@ -100,7 +100,16 @@ export interface NativeBinding {
   memoryMerge(): boolean
   /** prctl(PR_SET_MEMORY_MERGE): needs CAP_SYS_RESOURCE; off unmerges every region of the process. */
   setMemoryMerge(on: boolean): void
+  /** Per page of another process, RemotePage bits from /proc/PID/pagemap into out; pages, or -errno (-ESRCH: gone). */
+  pagemapPresent(pid: number, address: bigint, pages: number, out: Uint8Array): number
+  /** process_vm_readv of [address, pages] ranges, the xxh3 of each page into out (ranges back to back); status [pagesRead, -errno] per range. */
+  remoteHash(pid: number, ranges: BigUint64Array, out: BigUint64Array, status: Int32Array): number
+  /** Re-reads refs [pid (0: zeros), address] and members [ref, pid, address]; status/hashes (refs, then members): 0 equal, 1 differs, 2 ref unread, -errno; xxh3 now. */
+  remoteCompare(refs: BigUint64Array, members: BigUint64Array, status: Int32Array, hashes: BigUint64Array): number
 }
+
+/** Bits pagemapPresent writes per page (native/remote.cc PageFlag). */
+export const RemotePage = { PRESENT: 1, SWAPPED: 2, ZERO_PFN: 4, PFN_KNOWN: 8 } as const
 
 let binding: NativeBinding | undefined
 

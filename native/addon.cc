@@ -7,6 +7,7 @@
 #include "kernel.h"
 #include "pages.h"
 #include "procfs.h"
+#include "remote.h"
 
 namespace pm {
 namespace {
@@ -40,6 +41,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitProcfs(env, exports);
   InitArena(env, exports);
   InitKernel(env, exports);
+  InitRemote(env, exports);
   return exports;
 }
 
