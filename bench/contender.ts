@@ -276,6 +276,7 @@ async function runPageMerger(spec: Spec): Promise<ChildResult> {
     pm.start()
     const freed = (s: Stats) => s.pagesSharing + s.zeroPages
     let s = pm.stats()
+    const scans0 = s.fullScans
     let best = freed(s), riseScans = s.fullScans, riseWall = 0, riseCpu = 0, lastProgress = 0
     const deadline = spec.timeoutMs ?? 300_000
     for (;;) {
@@ -285,7 +286,7 @@ async function runPageMerger(spec: Spec): Promise<ChildResult> {
       if (freed(s) > best) (best = freed(s)), (riseScans = s.fullScans), (riseWall = wall), (riseCpu = ownCpu())
       if (wall * 1e3 - lastProgress >= PROGRESS_MS) (lastProgress = wall * 1e3), send({ type: 'progress', freedPages: best, fullScans: s.fullScans })
       if (best >= w.ideal.freedPages) break // converged: nothing left to merge
-      if (s.fullScans >= riseScans + 2) break // converged: a whole full scan merged nothing new
+      if (s.fullScans >= riseScans + 2 && s.fullScans >= scans0 + 3) break // converged: a whole full scan merged nothing new (and merging had its chance: it starts in the second scan)
       if (wall * 1e3 > deadline) {
         converged = false
         ;(riseWall = wall), (riseCpu = ownCpu())

@@ -48,6 +48,12 @@ const POLL_MS = 10 // Pss samples for the chart, and ksmd's counters
 const READY_TIMEOUT_MS = 600_000 // filling 4 GiB on a busy machine
 const RUN_TIMEOUT_MS = { tuned: 120_000, background: 300_000 }
 const SCALE_SIZES_MIB = [256, 1024, 4096]
+/**
+ * Full scans to wait before "nothing new merged" can mean converged: the first one ksmd counts
+ * may be the end of a pass begun before the contender, the next only records checksums, and only
+ * the one after it merges (pagemerge's background scanner likewise merges from its second scan).
+ */
+const MIN_FULL_SCANS = 3
 
 type ContenderId = 'limit' | 'pm-now' | 'ksmd-tuned' | 'pm-bg' | 'ksmd-default'
 const CONTENDERS: Record<ContenderId, { label: string; kind: ContenderKind; ksmd?: { pagesToScan: number; sleepMillisecs: number } }> = {
@@ -324,7 +330,7 @@ async function runTask(task: Task, opts: Options): Promise<Measured | Failure> {
         status = ` · ${mibs(best * PAGE_SIZE)} merging, ${scans - scans0} full scans`
         show()
         if (best >= ready.ideal.mergingPages) converged = true // everything that can merge has
-        else if (scans >= rise.scans + 2) converged = true // a whole full scan merged nothing new
+        else if (scans >= rise.scans + 2 && scans >= scans0 + MIN_FULL_SCANS) converged = true // a whole full scan merged nothing new
         if (converged || since() * 1e3 > deadline) break
       }
       restoreKnobs() // ksmd stops (run as it was); what it merged stays merged
