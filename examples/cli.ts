@@ -5,6 +5,7 @@
  */
 import { Command, CommanderError } from 'commander'
 import { demoCommand } from './commands/demo'
+import { estimateCommand } from './commands/estimate'
 import { kernelCommand } from './commands/kernel'
 import { packageManifest } from './dataset'
 import { CliError, errorLine, EXIT_FAILURE, EXIT_USAGE } from './terminal'
@@ -25,15 +26,16 @@ Examples:
   $ ${NAME} demo --tenants 8 --json   the same, as JSON
   $ ${NAME} kernel status             the kernel's KSM knobs and counters
   $ ${NAME} kernel watch              the same, every second
+  $ ${NAME} estimate --all            what merging would free across processes
   $ ${NAME} help demo                 help for one command
 
 Exit status: 0 done, 1 failed, 2 bad usage.`,
     )
 
-  // The commands. `estimate` (sizing what merging would save, from a process or a folder) lands with
-  // the estimator issue as examples/commands/estimate.ts exporting estimateCommand(), added here.
+  // The commands, one file each in examples/commands/.
   cli.addCommand(demoCommand())
   cli.addCommand(kernelCommand())
+  cli.addCommand(estimateCommand())
 
   // Commander reports its own errors through outputError: fold each into one line (it puts a
   // "Did you mean" hint on a line of its own) that says where help is, and let main() choose the
