@@ -212,7 +212,14 @@ export interface Measured {
   verifyS: number
   limitMs?: number
   stats?: Stats
-  ksmd?: { knobs: { pagesToScan: number; sleepMillisecs: number }; processStat: Record<string, number>; systemSharedBefore: number; useZeroPages?: number }
+  ksmd?: {
+    knobs: { pagesToScan: number; sleepMillisecs: number }
+    processStat: Record<string, number>
+    systemSharedBefore: number
+    useZeroPages?: number
+    /** The knobs as another process set them while this contender ran (the machine is shared): its numbers are not ksmd's at these knobs. */
+    disturbed?: string
+  }
   writer?: ChildResult['writer']
   files?: ChildResult['files']
   /** Pss freed over time (clones, first run): [seconds since go, bytes]. */
@@ -302,7 +309,7 @@ async function runTask(task: Task, opts: Options): Promise<Measured | Failure> {
       samplePss()
       show()
     }
-    let ksmd: { wallS: number; cpuS: number; converged: boolean; scanned: number; fullScans: number; freedCounted: number; processStat: Record<string, number>; sharedBefore: number; useZeroPages?: number } | undefined
+    let ksmd: { wallS: number; cpuS: number; converged: boolean; scanned: number; fullScans: number; freedCounted: number; processStat: Record<string, number>; sharedBefore: number; useZeroPages?: number; disturbed?: string } | undefined
     if (c.ksmd) {
       const s0 = kernel.status()
       baseline = ksmPages(s0)
@@ -317,6 +324,7 @@ async function runTask(task: Task, opts: Options): Promise<Measured | Failure> {
       const since = () => Number(process.hrtime.bigint() - goAt) / 1e9
       let best = 0, rise = { wall: 0, cpuNs: cpu0, scanned: scanned0, scans: scans0 }
       let converged = false, s = s0, stat: Record<string, number> = {}
+      let disturbed: string | undefined
       const deadline = c.ksmd === KSMD_TUNED ? RUN_TIMEOUT_MS.tuned : RUN_TIMEOUT_MS.background
       for (;;) {
         await sleep(POLL_MS)
@@ -325,6 +333,8 @@ async function runTask(task: Task, opts: Options): Promise<Measured | Failure> {
         stat = ksmStat(pid)
         const merged = (stat.ksm_merging_pages ?? 0) + (stat.ksm_zero_pages ?? 0)
         const scans = s.stats.fullScans ?? 0
+        if (s.knobs.run !== 1 || s.knobs.pagesToScan !== c.ksmd.pagesToScan || s.knobs.sleepMillisecs !== c.ksmd.sleepMillisecs)
+          disturbed ??= `run=${s.knobs.run}, pages_to_scan=${s.knobs.pagesToScan}, sleep_millisecs=${s.knobs.sleepMillisecs} at ${since().toFixed(2)} s` // another process on this machine tunes ksmd too
         if (merged > best) (best = merged), (rise = { wall: since(), cpuNs: s.ksmd?.cpuNs ?? NaN, scanned: s.stats.pagesScanned ?? 0, scans })
         samplePss()
         status = ` · ${mibs(best * PAGE_SIZE)} merging, ${scans - scans0} full scans`
@@ -344,6 +354,7 @@ async function runTask(task: Task, opts: Options): Promise<Measured | Failure> {
         freedCounted: counted(s) - counted(s0),
         processStat: stat,
         sharedBefore: (s0.stats.pagesShared ?? 0) + (s0.stats.pagesSharing ?? 0),
+        ...(disturbed ? { disturbed } : {}),
         ...(s0.knobs.useZeroPages !== undefined ? { useZeroPages: s0.knobs.useZeroPages } : {}),
       }
       tell({ type: 'stop' })
@@ -389,7 +400,7 @@ async function runTask(task: Task, opts: Options): Promise<Measured | Failure> {
     m.cpuUsPerScannedPage = (m.cpuS * 1e6) / m.pagesScanned
     if (r.limitMs !== undefined) m.limitMs = r.limitMs
     if (stats) m.stats = stats
-    if (ksmd && c.ksmd) m.ksmd = { knobs: c.ksmd, processStat: ksmd.processStat, systemSharedBefore: ksmd.sharedBefore, ...(ksmd.useZeroPages !== undefined ? { useZeroPages: ksmd.useZeroPages } : {}) }
+    if (ksmd && c.ksmd) m.ksmd = { knobs: c.ksmd, processStat: ksmd.processStat, systemSharedBefore: ksmd.sharedBefore, ...(ksmd.useZeroPages !== undefined ? { useZeroPages: ksmd.useZeroPages } : {}), ...(ksmd.disturbed ? { disturbed: ksmd.disturbed } : {}) }
     if (r.writer) m.writer = r.writer
     if (r.files) m.files = r.files
     if (task.sample) m.freedOverTime = freedOverTime
@@ -635,6 +646,7 @@ function tables(res: Results, failures: Failure[], opts: Options, out: (line: st
       if (ms.some((m) => !m.converged)) notes.push('NOT converged')
       if (m0.writer) notes.push(`writer: ${median(ms.map((m) => m.writer!.rewrites))} rewrites`)
       if (m0.ksmd && m0.ksmd.systemSharedBefore) notes.push(`${m0.ksmd.systemSharedBefore} KSM pages of other processes before`)
+      for (const m of ms) if (m.ksmd?.disturbed) notes.push(`KNOBS CHANGED by another process${ms.length > 1 ? ` in run ${m.run + 1}` : ''}: ${m.ksmd.disturbed}`)
       if (c === 'limit') {
         rows.push([CONTENDERS[c].label, mibs(m0.bytes), spread(ms.map((m) => m.wallS), (v) => v.toFixed(3)), '', '1.00', '', '', '', '', '', '', '', '', '', '', ''])
         continue
@@ -664,7 +676,7 @@ function tables(res: Results, failures: Failure[], opts: Options, out: (line: st
   }
 }
 
-function summaryLine(gs: Goal[], seconds: number, loadBefore: number): string {
+function summaryLine(gs: Goal[], seconds: number, loadBefore: number, disturbed: number): string {
   const measured = gs.filter((g) => g.pass !== null && g.goal !== '')
   const unmeasured = gs.filter((g) => g.pass === null && g.goal !== '')
   const missed = measured.filter((g) => !g.pass)
@@ -675,6 +687,7 @@ function summaryLine(gs: Goal[], seconds: number, loadBefore: number): string {
     s += `, ${unmeasured.length} not measured (${[...why].map(([reason, names]) => `${names.join(', ')}: ${reason}`).join('; ')})`
   }
   if (missed.length) s += `; MISS: ${missed.map((g) => `${g.name} = ${g.unit(g.value)} (goal ${g.goal})`).join('; ')}`
+  if (disturbed) s += `; ksmd's knobs were changed by another process during ${disturbed} contender run${disturbed > 1 ? 's' : ''}: those ksmd numbers are not ksmd at the stated knobs`
   return `${s}; ${seconds.toFixed(0)} s in all; load average ${loadBefore.toFixed(2)} before, ${loadavg()[0]!.toFixed(2)} after`
 }
 
@@ -684,8 +697,8 @@ function chart(res: Results, opts: Options): string {
     if (!m) return []
     return [{ name: `${CONTENDERS[c].label}: ${m.wallS.toFixed(2)} s`, color, points: [[0, 0], ...m.freedOverTime!.map(([t, b]) => [t, b / MiB] as [number, number])] }]
   }
-  const idealLine = (c: ContenderId): ChartSeries[] => {
-    const ms = res.filter((x) => x.workload === 'clones' && x.freedOverTime && (x.contender === c))
+  const idealLine = (...cs: ContenderId[]): ChartSeries[] => {
+    const ms = res.filter((x) => x.workload === 'clones' && x.freedOverTime && cs.includes(x.contender))
     const m = ms[0]
     if (!m) return []
     const end = Math.max(...ms.flatMap((x) => x.freedOverTime!.map(([t]) => t)), 0.001)
@@ -694,8 +707,8 @@ function chart(res: Results, opts: Options): string {
   }
   return lineChart(
     [
-      { title: `clones ${opts.sizeMiB} MiB: Pss freed while merging`, xLabel: 'seconds since start', yLabel: 'MiB freed (Pss_Anon + Pss_Shmem)', series: [...series('pm-now', '#d62728'), ...series('ksmd-tuned', '#1f77b4'), ...idealLine('ksmd-tuned')] },
-      { title: `clones ${opts.backgroundSizeMiB} MiB, background at 100 pages / 20 ms`, xLabel: 'seconds since start', yLabel: 'MiB freed (Pss_Anon + Pss_Shmem)', series: [...series('pm-bg', '#d62728'), ...series('ksmd-default', '#1f77b4'), ...idealLine('ksmd-default')] },
+      { title: `clones ${opts.sizeMiB} MiB: Pss freed while merging`, xLabel: 'seconds since start', yLabel: 'MiB freed (Pss_Anon + Pss_Shmem)', series: [...series('pm-now', '#d62728'), ...series('ksmd-tuned', '#1f77b4'), ...idealLine('pm-now', 'ksmd-tuned')] },
+      { title: `clones ${opts.backgroundSizeMiB} MiB, background at 100 pages / 20 ms`, xLabel: 'seconds since start', yLabel: 'MiB freed (Pss_Anon + Pss_Shmem)', series: [...series('pm-bg', '#d62728'), ...series('ksmd-default', '#1f77b4'), ...idealLine('pm-bg', 'ksmd-default')] },
     ],
     [
       `Pss_Anon + Pss_Shmem of each contender's process, sampled every ${POLL_MS} ms by the bench. pagemerge's remapped pages are counted again only once read back,`,
@@ -733,7 +746,7 @@ async function main(): Promise<void> {
   progress.clear()
   const seconds = Number(process.hrtime.bigint() - t0) / 1e9
   const gs = opts.scale ? scaleGoals(res, failures, opts) : goals(res, failures, opts)
-  const summary = summaryLine(gs, seconds, loadBefore)
+  const summary = summaryLine(gs, seconds, loadBefore, res.filter((m) => m.ksmd?.disturbed).length)
   const knobsAfter = kernel.status().knobs
   const command = `npm run bench${process.argv.length > 2 ? ` -- ${process.argv.slice(2).join(' ')}` : ''}`
   const json = {
