@@ -463,7 +463,7 @@ const WORKER_FILE =
 const TASK_PAGES = 8192
 /** Per compare task: distinct reference pages (read into the worker's memory for the call) and members. */
 const COMPARE_REFS = 4096
-const COMPARE_MEMBERS = 16384
+const COMPARE_MEMBERS = 4096
 /** Rounds of confirmation for groups whose reference page changed under us. */
 const CONFIRM_ROUNDS = 3
 
@@ -718,20 +718,23 @@ export async function estimate(options: EstimateOptions): Promise<EstimateReport
         if (g >= 0 && !groupZero[g] && refOf[g] === -1) refOf[g] = i
       }
       const subOfGroup = new Int32Array(groups).fill(-1)
-      const chunks = compareChunks(pg, procs, pending, refOf, groupZero)
+      // Each task goes to the workers as soon as it is built, so they compare while the rest is built.
+      const running: Promise<EstimateCompareResult>[] = []
+      const chunks = compareChunks(pg, procs, pending, refOf, groupZero, (c) =>
+        running.push(
+          pool.run({ kind: 'compare', refs: c.refs, members: c.members } satisfies EstimateCompareTask).then((r: EstimateCompareResult) => {
+            confirmedSoFar += c.memberIndex.length
+            o.onProgress?.({ phase: 'confirming', done: Math.min(confirmedSoFar, candidates), total: candidates })
+            return r
+          }),
+        ),
+      )
+      const replies = await Promise.all(running)
       if (chunks.length === 0) break
       const next = new Int32Array(n).fill(-1)
       const refBad = new Uint8Array(groups) // a read of the ref showed it changed, or failed
       const refGood = new Uint8Array(groups)
       const refLost = new Uint8Array(groups)
-      const replies = await Promise.all(
-        chunks.map(async (c) => {
-          const r: EstimateCompareResult = await pool.run({ kind: 'compare', refs: c.refs, members: c.members } satisfies EstimateCompareTask)
-          confirmedSoFar += c.memberIndex.length
-          o.onProgress?.({ phase: 'confirming', done: Math.min(confirmedSoFar, candidates), total: candidates })
-          return r
-        }),
-      )
       // What each read of a reference says: unchanged (good), or changed or unreadable (bad).
       chunks.forEach((c, ci) => {
         const r = replies[ci]!
@@ -900,7 +903,7 @@ interface CompareChunk {
  * larger group is split, its reference read again), so that each reference is read about once
  * and the members of a task, sorted by page, are read together, adjacent ones in one iovec.
  */
-function compareChunks(pg: Pages, procs: ProcState[], pending: Int32Array, refOf: Int32Array, groupZero: boolean[]): CompareChunk[] {
+function compareChunks(pg: Pages, procs: ProcState[], pending: Int32Array, refOf: Int32Array, groupZero: boolean[], emit: (chunk: CompareChunk) => void): CompareChunk[] {
   const groups = refOf.length
   // Each group's pending members (references excluded), in page order: one array, offsets per group.
   const start = new Uint32Array(groups + 1)
@@ -948,7 +951,9 @@ function compareChunks(pg: Pages, procs: ProcState[], pending: Int32Array, refOf
       memberWords[6 * m + 2] = procs[pg.proc[i]!]!.pid
       putAddress(memberWords, 6 * m + 4, pg.page[i]!)
     }
-    out.push({ refs: new BigUint64Array(refWords.buffer), members: new BigUint64Array(memberWords.buffer), refIndex, memberIndex })
+    const chunk = { refs: new BigUint64Array(refWords.buffer), members: new BigUint64Array(memberWords.buffer), refIndex, memberIndex }
+    out.push(chunk)
+    emit(chunk)
     refs = []
     parts = []
     members = 0
