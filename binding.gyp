@@ -10,7 +10,8 @@
         "native/procfs.cc",
         "native/registry.cc",
         "native/remote.cc",
-        "native/v8_buffers.cc"
+        "native/v8_buffers.cc",
+        "native/wprotect.cc"
       ],
       "include_dirs": [
         "<!(node -p \"require('node-addon-api').include_dir\")",
@@ -26,7 +27,7 @@
       "cflags_cc!": ["-fno-exceptions"],
       "cflags_cc": ["-std=c++17", "-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
       "conditions": [
-        ["OS!='linux'", { "sources!": ["native/arena.cc", "native/kernel.cc", "native/procfs.cc", "native/remote.cc"] }]
+        ["OS!='linux'", { "sources!": ["native/arena.cc", "native/kernel.cc", "native/procfs.cc", "native/remote.cc", "native/wprotect.cc"] }]
       ]
     }
   ]

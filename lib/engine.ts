@@ -114,6 +114,11 @@ const WORKER_FILE = [join(__dirname, '..', 'workers', 'hash.js'), join(__dirname
 const INLINE_PAGES = 1024
 /** Pages per batch in mergeNow(): large enough to amortize a round trip to the workers. */
 const MERGE_NOW_BATCH = 1 << 16
+/**
+ * Pages per extent at most: an extent is write-protected from its comparison to its remap, so
+ * this bounds how long a writer on another thread can wait (2 MiB: a fraction of a millisecond).
+ */
+const MAX_EXTENT_PAGES = 512
 /** How often mergeNow() looks at ksmd's full_scans with engine 'kernel'. */
 const KSMD_POLL_MS = 20
 /**
@@ -703,7 +708,7 @@ export class Engine {
           continue
         }
         let end = k
-        while (end < sh.count && this.plan[sh.batchIndex + end] === Plan.ZERO) end++
+        while (end < sh.count && end - k < MAX_EXTENT_PAGES && this.plan[sh.batchIndex + end] === Plan.ZERO) end++
         ext.push(held[i]!.id, sh.firstPage + k, end - k, sh.slot + k)
         k = end
       }
@@ -731,7 +736,7 @@ export class Engine {
     for (let i = 0; i < owners.length; ) {
       const r = this.regionOfSlot(owners[i]!)
       let j = i + 1
-      if (r) while (j < owners.length && owners[j] === owners[j - 1]! + 1 && owners[j]! < r.slot + r.pages) j++
+      if (r) while (j < owners.length && j - i < MAX_EXTENT_PAGES && owners[j] === owners[j - 1]! + 1 && owners[j]! < r.slot + r.pages) j++
       if (r) {
         runs.push(r.id, owners[i]! - r.slot, j - i, 0, owners[i]!, next)
         for (let k = 0; k < j - i; k++) pool[words[2 * (owners[i]! + k)]!] = PROVISIONAL | (next + k)
@@ -813,7 +818,7 @@ export class Engine {
           continue
         }
         let end = k + 1
-        while (end < sh.count && plan[sh.batchIndex + end] === Plan.STABLE && pool[planNode[sh.batchIndex + end]!] === first + (end - k)) end++
+        while (end < sh.count && end - k < MAX_EXTENT_PAGES && plan[sh.batchIndex + end] === Plan.STABLE && pool[planNode[sh.batchIndex + end]!] === first + (end - k)) end++
         ext.push(r.id, sh.firstPage + k, first, end - k, sh.slot + k, bi)
         k = end
       }

@@ -35,6 +35,12 @@ export interface ArenaStats {
   usedOffsetBytes: number
   metadataBytes: number
   punchFailures: number
+  /**
+   * How writers are held off pages between their comparison and their remap (userfaultfd):
+   * 'full' (threads and system calls wait), 'user' (threads wait; a system call writing into such
+   * a page fails with EFAULT), 'none' (no userfaultfd: a write in that window can be lost).
+   */
+  writeProtection: 'full' | 'user' | 'none'
 }
 
 /** The arena: mergeable memory and the stable page pool (native/arena.cc). */

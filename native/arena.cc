@@ -6,6 +6,7 @@
 // neighbouring allocations are neighbouring windows of the file, which the kernel keeps as one
 // mapping (VMA), so ten thousand small buffers cost a handful of mappings, not ten thousand.
 #include "arena.h"
+#include "wprotect.h"
 
 #include <fcntl.h>
 #include <linux/falloc.h>
@@ -17,6 +18,7 @@
 #include <cerrno>
 #include <algorithm>
 #include <chrono>
+#include <optional>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -197,9 +199,11 @@ struct ArenaCore {
   bool dirty = true;     // the estimate has our own worst cases added since the last count
   int64_t reserved = 0;  // of which: cuts stabilize() counted for the merges onto its pool pages, not made yet
   std::chrono::steady_clock::time_point counted;
+  std::chrono::steady_clock::duration countCost{};  // how long the last count took
   uint64_t poolPages = 0, poolMappings = 0, trackedPages = 0, punchFailures = 0;
 
   int pagemapFd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);  // kept open: read every batch
+  WriteProtector wp;  // holds writers off the pages of an extent between its comparison and its remap
 
   ~ArenaCore() {
     if (pagemapFd >= 0) close(pagemapFd);
@@ -336,18 +340,22 @@ struct ArenaCore {
   // Whether `cost` more mappings fit under `budget`; if so they are counted as taken. The
   // process's mappings are counted again (reading /proc/self/maps costs ~1 µs per mapping) when
   // the estimate is a second old, or near the budget and either holds our own worst cases or is
-  // 100 ms old: a run of refused extents does not read the file once each. In between, our own
-  // changes are added at their worst case, so the estimate only errs high.
+  // 100 ms old; and near the budget at most once per ten times a count takes, so that counting
+  // never costs more than a tenth of the time. In between, our own changes are added at their
+  // worst case, so the estimate only errs high.
   bool Fits(int64_t cost, double budget) {
     if (cost <= 0) return true;
     auto now = std::chrono::steady_clock::now();
+    auto age = now - counted;
     double margin = std::max(256.0, budget / 32);
     bool near = static_cast<double>(mappings + cost) > budget - margin;
-    if (mappings < 0 || now - counted > std::chrono::seconds(1) || (near && (dirty || now - counted > std::chrono::milliseconds(100)))) {
+    if (mappings < 0 || age > std::chrono::seconds(1) ||
+        (near && age > 10 * countCost && (dirty || age > std::chrono::milliseconds(100)))) {
       int64_t n = CountMappings();
       if (n < 0) return false;
       mappings = n + reserved;
-      counted = now;
+      counted = std::chrono::steady_clock::now();
+      countCost = counted - now;
       dirty = false;
     }
     if (static_cast<double>(mappings + cost) > budget) return false;
@@ -687,7 +695,13 @@ class Arena : public Napi::ObjectWrap<Arena> {
           ex.status[i] = -ENOSPC;
           continue;
         }
+      }
+      // A copy must not be written between its comparison and the remap; pages taken over in
+      // place need no protection: a write before the remap lands in the pool page they become.
+      std::optional<ProtectedRange> hold;
+      if (copied) {
         int err = WriteAll(c.fd, dst, len, target * kPage);
+        if (!err) err = hold.emplace(c.wp, dst, len).error();
         int32_t failed = err ? -err : c.Verify(dst, target, count);  // a mismatch: written while we copied
         if (failed != kOk) {
           PunchRun(target, count);
@@ -702,6 +716,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
         if (copied) PunchRun(target, count), c.GiveRange(target, count);
         continue;
       }
+      if (hold) hold->Remapped();
       if (!copied)  // the window's own pages now belong to the pool; they must not be punched as own pages
         for (uint64_t k = 0; k < count; k++) a->state[page + k] = kAnon;
       c.Retarget(*a, page, count, static_cast<uint32_t>(target), kMerged);
@@ -747,6 +762,11 @@ class Arena : public Napi::ObjectWrap<Arena> {
         continue;
       }
       uint8_t* dst = a->base + page * kPage;
+      ProtectedRange hold(c.wp, dst, len);  // from the comparison to the remap, writers wait
+      if (hold.error()) {
+        ex.status[i] = -hold.error();
+        continue;
+      }
       if (int32_t v = c.Verify(dst, poolPage, count); v != kOk) {
         ex.status[i] = v;
         continue;
@@ -756,6 +776,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
         ex.status[i] = -errno;
         continue;
       }
+      hold.Remapped();
       c.Retarget(*a, page, count, static_cast<uint32_t>(poolPage), kMerged);
       ex.status[i] = kOk;
       done += count;
@@ -786,17 +807,22 @@ class Arena : public Napi::ObjectWrap<Arena> {
       }
       uint64_t page = r[1], count = r[2], len = count * kPage;
       uint8_t* dst = a->base + page * kPage;
-      bool zero = true;
-      for (uint64_t k = 0; k < count && zero; k++) zero = IsZeroPage(dst + k * kPage);
-      if (!zero) {
-        ex.status[i] = kMismatch;
-        continue;
-      }
       // Private anonymous memory drops its pages in place; anything file-backed would show the
       // file's bytes again (or keep them), so it is replaced by fresh anonymous memory instead.
       bool anon = AllState(*a, page, count, kAnon);
       if (!anon && !c.Fits(kCuts, budget)) {
         ex.status[i] = kBudget;
+        continue;
+      }
+      ProtectedRange hold(c.wp, dst, len);  // from the check to the drop, writers wait
+      if (hold.error()) {
+        ex.status[i] = -hold.error();
+        continue;
+      }
+      bool zero = true;
+      for (uint64_t k = 0; k < count && zero; k++) zero = IsZeroPage(dst + k * kPage);
+      if (!zero) {
+        ex.status[i] = kMismatch;
         continue;
       }
       int rc = anon
@@ -806,6 +832,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
         ex.status[i] = -errno;
         continue;
       }
+      if (!anon) hold.Remapped();  // a new mapping; pages dropped in place keep theirs, whose protection Release() clears
       c.Retarget(*a, page, count, kNoPool, kAnon);
       ex.status[i] = kOk;
       done += count;
@@ -862,6 +889,11 @@ class Arena : public Napi::ObjectWrap<Arena> {
     uint8_t* dst = a.base + page * kPage;
     void* tmp = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (tmp == MAP_FAILED) return errno;
+    ProtectedRange hold(core_->wp, dst, len);  // from the copy to the move, writers wait
+    if (hold.error()) {
+      munmap(tmp, len);
+      return hold.error();
+    }
     uint8_t* t = static_cast<uint8_t*>(tmp);
     for (uint64_t k = 0; k < count; k++)
       if (!IsZeroPage(dst + k * kPage)) std::memcpy(t + k * kPage, dst + k * kPage, kPage);
@@ -870,6 +902,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
       munmap(tmp, len);
       return err;
     }
+    hold.Remapped();
     core_->Retarget(a, page, count, kNoPool, kAnon);
     return 0;
   }
@@ -1016,6 +1049,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     num("usedOffsetBytes", used);
     num("metadataBytes", metadata);
     num("punchFailures", punchFailures);
+    o.Set("writeProtection", Napi::String::New(env, WriteProtector::Name(core_->wp.mode())));
     return o;
   }
 
