@@ -102,6 +102,7 @@ t.test("engine 'kernel' buffers are private anonymous memory; the bridge refuses
 t.test("engine 'auto': pagemerge merges within the mapping budget, ksmd takes what it refused", { skip: needsKsmd }, async (t) => {
   const pairs = 64, bytes = 16 * PAGE
   await withKsmd(t, 'auto', async (pm) => {
+  pm.kernel.tune({ run: 0 }) // ksmd starts after pagemerge is done, so that each side's share is clear
   clones(pm, 4 * MiB, 99)
   await pm.mergeNow() // the worker threads are up: their stacks are mappings too
   const bufs = Array.from({ length: pairs }, (_, i) => clones(pm, bytes, 100 + i))
@@ -112,6 +113,7 @@ t.test("engine 'auto': pagemerge merges within the mapping budget, ksmd takes wh
   const own = s.pagesSharing - sharing
   t.ok(own > 0, `pagemerge merged ${own} pages`)
   t.ok(s.pagesSkippedBudget > 0, `and left ${s.pagesSkippedBudget} to the budget`)
+  pm.kernel.tune({ run: 1 })
   await ksmdScans(pm, 3) // ksmd merges the rest within a few of its full scans
   const kernel = mergingPages() - before
   t.ok(kernel > 0, `ksmd merged ${kernel} pages`)

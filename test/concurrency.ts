@@ -1,0 +1,139 @@
+// Merges under concurrent writers: threads that write into registered buffers while the scanner
+// merges them flat out lose no write (pages are write-protected from their comparison to their
+// remap), and a read(2) into a page being merged waits rather than failing.
+import t from 'tap'
+import { once } from 'node:events'
+import { writeFileSync, mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join, resolve } from 'node:path'
+import { Worker } from 'node:worker_threads'
+import { PageMerger } from '../lib/index'
+import { loadNative } from '../lib/native'
+import { fillRandom, MiB } from './fixtures/util'
+
+const WRITER = resolve(__dirname, 'fixtures/stress-writer.js')
+const SECONDS = Number(process.env.PAGEMERGE_STRESS_SECONDS ?? 20)
+const protection = new (loadNative().Arena)().stats().writeProtection
+
+/** The duration under which `share` of the writes finished, in ms, from a microsecond histogram. */
+function percentile(hist: Float64Array, share: number): number {
+  const total = hist.reduce((a, b) => a + b, 0)
+  let seen = 0
+  for (let us = 0; us < hist.length; us++) if ((seen += hist[us]!) >= share * total) return us / 1000
+  return Infinity
+}
+
+t.test(`4 writer threads, 256 MiB of duplicates, ${SECONDS} s of merging flat out: every byte equals its shadow`, async (t) => {
+  const pm = new PageMerger({ workers: 1 })
+  t.teardown(() => pm.close())
+  // 64 buffers of 4 MiB: 8 contents, each in 8 buffers
+  const originals = Array.from({ length: 8 }, (_, i) => fillRandom(new Uint8Array(new SharedArrayBuffer(4 * MiB)), 500 + i))
+  const bufs = Array.from({ length: 64 }, (_, i) => pm.alloc(4 * MiB).fill(0))
+  bufs.forEach((b, i) => b.set(originals[i % 8]!))
+  const stop = new SharedArrayBuffer(4)
+  const writers = Array.from(
+    { length: 4 },
+    (_, id) => new Worker(WRITER, { workerData: { buffers: bufs.map((b) => b.buffer), originals, id, writers: 4, stop } }),
+  )
+  const exits = writers.map((w) => once(w, 'exit'))
+  await Promise.all(writers.map((w) => once(w, 'message'))) // 'ready': shadows taken, writing starts
+  const results = writers.map((w) => once(w, 'message') as Promise<[{ writes: number; restores: number; wrong: number; hist: Float64Array }]>)
+  const saved: number[] = [] // pages saved after each run: writes unmerge pages, restores let them merge again
+  const end = Date.now() + SECONDS * 1000
+  while (Date.now() < end) saved.push((await pm.mergeNow()).pagesSharing)
+  Atomics.store(new Int32Array(stop), 0, 1)
+  const out = (await Promise.all(results)).map(([r]) => r)
+  await Promise.all(exits)
+  const hist = new Float64Array(out[0]!.hist.length)
+  for (const r of out) r.hist.forEach((n, i) => (hist[i]! += n))
+  const writes = out.reduce((a, r) => a + r.writes, 0)
+  t.comment(`write protection: ${protection}; ${saved.length} mergeNow() runs; pages saved after the first ${saved[0]}, lowest ${Math.min(...saved)}, last ${saved.at(-1)}; ${writes} writes (${out.reduce((a, r) => a + r.restores, 0)} restoring a page)`)
+  t.comment(`writer stalls: p99 ${percentile(hist, 0.99).toFixed(3)} ms, p99.9 ${percentile(hist, 0.999).toFixed(3)} ms, max ${percentile(hist, 1).toFixed(3)} ms (goal p99 < 1 ms)`)
+  t.ok(saved.length > 1 && Math.min(...saved) > 0, 'pages stayed merged while the writers wrote')
+  t.ok(writes > 10_000, `${writes} writes`)
+  t.equal(out.reduce((a, r) => a + r.wrong, 0), 0, 'every page equals its writer\'s shadow')
+})
+
+t.test('a write that races the merge of its page is never lost', async (t) => {
+  // Two identical 2 MiB buffers merged over and over. Another thread rewrites pages 2.. of b with
+  // the same bytes (private copies again, so the next scan merges them again as one extent), then
+  // writes a byte of page 2 and checks for 2 ms that it stays, and puts it back. The merge of that
+  // extent compares page 2 first and remaps last: a write landing on page 2 in between would be
+  // undone by the remap without write protection.
+  const pm = new PageMerger({ workers: 1 })
+  t.teardown(() => pm.close())
+  const a = fillRandom(pm.alloc(2 * MiB), 90), b = pm.alloc(2 * MiB)
+  b.set(a)
+  const stop = new SharedArrayBuffer(4)
+  const writer = new Worker(
+    `const { parentPort, workerData: { buffer, original, stop } } = require('node:worker_threads')
+    const b = new Uint8Array(buffer), a = new Uint8Array(original), flag = new Int32Array(stop), pause = new Int32Array(new SharedArrayBuffer(4))
+    const at = 2 * 4096 + 100, orig = b[at]
+    let writes = 0, lost = 0
+    while (Atomics.load(flag, 0) === 0) {
+      b.set(a.subarray(2 * 4096), 2 * 4096)
+      Atomics.wait(pause, 0, 0, (writes % 4) / 2) // 0 to 1.5 ms: land at different moments of the merges
+      const v = (orig + 1 + (writes % 250)) & 0xff
+      b[at] = v
+      const until = performance.now() + 2
+      while (performance.now() < until) if (b[at] !== v) { lost++; break }
+      b[at] = orig
+      writes++
+    }
+    parentPort.postMessage({ writes, lost })`,
+    { eval: true, workerData: { buffer: b.buffer, original: new Uint8Array(a).buffer, stop } },
+  )
+  const result = once(writer, 'message') as Promise<[{ writes: number; lost: number }]>
+  let runs = 0
+  const end = Date.now() + 3000
+  while (Date.now() < end) (await pm.mergeNow(), runs++)
+  Atomics.store(new Int32Array(stop), 0, 1)
+  const [{ writes, lost }] = await result
+  t.comment(`write protection: ${protection}; ${writes} writes during ${runs} mergeNow() runs; ${lost} undone`)
+  t.ok(writes > 100 && runs > 100, 'writes and merges interleaved')
+  t.equal(lost, 0, 'no write was undone by a merge')
+  t.equal(Buffer.compare(a, b), 0, 'and the buffers end as they began')
+})
+
+t.test('read(2) into a buffer while its pages are merged: the system call waits, never fails or is lost', { skip: protection !== 'full' && `write protection is '${protection}' here: a system call into a page being merged would fail with EFAULT` }, async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'pagemerge-read-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const file = join(dir, 'data')
+  const data = fillRandom(new Uint8Array(64 * 1024), 77)
+  writeFileSync(file, data)
+  const pm = new PageMerger({ workers: 1 })
+  t.teardown(() => pm.close())
+  const bufs = Array.from({ length: 32 }, () => pm.alloc(2 * MiB).fill(3))
+  // Another thread reads the file into the buffers again and again (the same bytes every time, and
+  // the pages around them stay duplicates), while this one merges them.
+  const stop = new SharedArrayBuffer(4)
+  const reader = new Worker(
+    `const { parentPort, workerData: { buffers, file, length, stop } } = require('node:worker_threads')
+    const { openSync, readSync, readFileSync } = require('node:fs')
+    const fd = openSync(file, 'r'), data = readFileSync(file), flag = new Int32Array(stop)
+    let reads = 0, failures = 0, wrong = 0
+    while (Atomics.load(flag, 0) === 0) {
+      const b = Buffer.from(buffers[reads % buffers.length]), at = (reads * 4096 * 7) % (b.length - length)
+      try {
+        readSync(fd, b, at, length, 0)
+        if (Buffer.compare(b.subarray(at, at + length), data) !== 0) wrong++
+        b.fill(3, at, at + length) // duplicates again, for the next merge
+      } catch (err) {
+        failures++
+      }
+      reads++
+    }
+    parentPort.postMessage({ reads, failures, wrong })`,
+    { eval: true, workerData: { buffers: bufs.map((b) => b.buffer), file, length: data.length, stop } },
+  )
+  const result = once(reader, 'message') as Promise<[{ reads: number; failures: number; wrong: number }]>
+  let runs = 0
+  const end = Date.now() + 3000
+  while (Date.now() < end) (await pm.mergeNow(), runs++)
+  Atomics.store(new Int32Array(stop), 0, 1)
+  const [{ reads, failures, wrong }] = await result
+  t.ok(reads > 0, `${reads} reads`)
+  t.equal(failures, 0, 'no read failed')
+  t.equal(wrong, 0, 'every read left its bytes')
+  t.comment(`${reads} reads of ${data.length} bytes while ${runs} mergeNow() runs merged the buffers`)
+})
