@@ -156,10 +156,12 @@ function ksmdCheck(): void {
 }
 
 /** Puts back every knob the bench changed; says so on stderr if the kernel refuses. */
+const restoreErrors: string[] = []
 function restoreKnobs(): void {
   try {
     kernel.restore()
   } catch (err) {
+    restoreErrors.push((err as Error).message)
     process.stderr.write(`bench: could not restore a ksmd knob: ${(err as Error).message}\n`)
   }
 }
@@ -748,6 +750,7 @@ async function main(): Promise<void> {
   const gs = opts.scale ? scaleGoals(res, failures, opts) : goals(res, failures, opts)
   const summary = summaryLine(gs, seconds, loadBefore, res.filter((m) => m.ksmd?.disturbed).length)
   const knobsAfter = kernel.status().knobs
+  const knobsDiffer = (['run', 'pagesToScan', 'sleepMillisecs', 'advisorMode'] as const).some((k) => knobsBefore[k] !== knobsAfter[k])
   const command = `npm run bench${process.argv.length > 2 ? ` -- ${process.argv.slice(2).join(' ')}` : ''}`
   const json = {
     command,
@@ -756,7 +759,16 @@ async function main(): Promise<void> {
     machine: mc,
     loadAverage: { before: loadBefore, after: loadavg()[0] },
     options: opts,
-    ksmd: { skipped: ksmdSkip ?? null, knobsBefore, knobsAfter, restored: JSON.stringify(knobsBefore) === JSON.stringify(knobsAfter) },
+    ksmd: {
+      skipped: ksmdSkip ?? null,
+      knobsBefore,
+      knobsAfter,
+      /** Every knob the bench changed was written back (kernel.restore() never failed). */
+      restored: restoreErrors.length === 0,
+      restoreErrors,
+      /** The knobs differ from before the bench although every restore succeeded: another process on this machine tuned ksmd meanwhile. */
+      changedElsewhere: restoreErrors.length === 0 && knobsDiffer,
+    },
     estimator: 'not yet available',
     goals: gs.map((g) => ({ name: g.name, value: g.value, samples: g.samples, goal: g.goal, pass: g.pass, ...(g.why ? { why: g.why } : {}) })),
     summary,
@@ -777,7 +789,7 @@ async function main(): Promise<void> {
   const out = (line: string) => console.log(line)
   out(`pagemerge bench: ${opts.scale ? `clones at ${SCALE_SIZES_MIB.map((m) => mibs(m * MiB)).join(', ')}` : `${opts.only.join(', ')} at ${mibs(opts.sizeMiB * MiB)}${opts.background ? `, background at ${mibs(opts.backgroundSizeMiB * MiB)}` : ''}`}; ${opts.runs} run${opts.runs > 1 ? 's, medians [min-max]' : ''}`)
   out(mcLine)
-  out(`ksmd: ${ksmdSkip ? `skipped: ${ksmdSkip}` : `use_zero_pages=${knobsBefore.useZeroPages ?? '?'}, smart_scan=${knobsBefore.smartScan ?? '?'}, max_page_sharing=${knobsBefore.maxPageSharing ?? '?'}; knobs ${json.ksmd.restored ? 'restored' : 'NOT restored'} (run=${knobsAfter.run}, pages_to_scan=${knobsAfter.pagesToScan}, sleep_millisecs=${knobsAfter.sleepMillisecs})`}`)
+  out(`ksmd: ${ksmdSkip ? `skipped: ${ksmdSkip}` : `use_zero_pages=${knobsBefore.useZeroPages ?? '?'}, smart_scan=${knobsBefore.smartScan ?? '?'}, max_page_sharing=${knobsBefore.maxPageSharing ?? '?'}; knobs ${json.ksmd.restored ? 'restored' : `NOT restored (${restoreErrors.join('; ')})`}, now run=${knobsAfter.run}, pages_to_scan=${knobsAfter.pagesToScan}, sleep_millisecs=${knobsAfter.sleepMillisecs}${json.ksmd.changedElsewhere ? ` (before the bench: run=${knobsBefore.run}, pages_to_scan=${knobsBefore.pagesToScan}, sleep_millisecs=${knobsBefore.sleepMillisecs}: another process tuned ksmd meanwhile)` : ''}`}`)
   out(`command: ${command}`)
   tables(res, failures, opts, out)
   out('')

@@ -23,6 +23,7 @@ interface Measured {
   vmasBefore: number
   vmasAfter: number
   metadataBytesPerPage: number
+  ksmd?: { disturbed?: string }
 }
 
 interface Report {
@@ -67,8 +68,10 @@ t.test('npm run bench -- --quick --only clones --json', { skip: existsSync(entry
   const ksmd = report.results.find((m) => m.contender === 'ksmd-tuned')
   const skipped = report.failures.find((f) => f.contender === 'ksmd-tuned')
   if (ksmd) {
-    t.ok(ksmd.freedOfIdeal >= 0.95, `ksmd freed ${(ksmd.freedOfIdeal * 100).toFixed(1)}% of the ideal`)
-    t.equal(report.ksmd.restored, true, "ksmd's knobs are back as they were")
+    t.equal(report.ksmd.restored, true, "every ksmd knob the bench changed was written back")
+    // ksmd's knobs are global: another process (test/kernel.ts, run in parallel by tap) may tune them meanwhile, and the bench says so
+    if (ksmd.ksmd?.disturbed) t.comment(`another process changed ksmd's knobs during the run (${ksmd.ksmd.disturbed}): its numbers are not checked`)
+    else t.ok(ksmd.freedOfIdeal >= 0.95, `ksmd freed ${(ksmd.freedOfIdeal * 100).toFixed(1)}% of the ideal`)
   } else {
     t.ok(skipped?.skipped, `ksmd rows skipped with a reason: ${skipped?.skipped ?? skipped?.error}`)
     t.equal(report.ksmd.skipped, skipped?.skipped)
