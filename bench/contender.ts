@@ -7,8 +7,8 @@
  * - `limit`: one core reading the same number of bytes once.
  * - `pm-now`: pagemerge mergeNow().
  * - `pm-bg`: pagemerge background scanning at the given knobs, until converged.
- * - `ksmd`: private anonymous memory marked MADV_MERGEABLE; the parent tunes ksmd and watches its
- *   counters, and says `stop` when ksmd has converged.
+ * - `ksmd`: private anonymous memory, marked MADV_MERGEABLE at `go` (the parent has tuned ksmd by
+ *   then); the parent watches ksmd's counters and says `stop` when ksmd has converged.
  *
  * In `volatile`, a worker thread of this file rewrites one page in four while the scan runs.
  */
@@ -67,6 +67,8 @@ export interface ChildResult {
   /** limit: milliseconds for one read of `bytes` (median of 3 after an untimed pass). */
   limitMs?: number
   fillS: number
+  /** ksmd: seconds to mark every buffer MADV_MERGEABLE, which starts its clock (part of its wall time). */
+  adviseS?: number
 }
 
 export interface WriterReport {
@@ -78,6 +80,7 @@ export interface WriterReport {
 export type ChildMessage =
   | { type: 'ready'; pid: number; pages: number; ideal: Ideal; before: Snapshot }
   | { type: 'progress'; freedPages: number; fullScans: number }
+  | { type: 'advised' }
   | { type: 'result'; result: ChildResult }
   | { type: 'error'; message: string }
 
@@ -318,7 +321,6 @@ async function runKsmd(spec: Spec): Promise<ChildResult> {
     blocks.push(sab)
     return new Uint8Array(sab)
   }, spec.filesRoot ? { filesRoot: spec.filesRoot } : {})
-  for (const sab of blocks) arena.advise(sab, true)
   const fillS = seconds(t)
   const writer = spec.workload === 'volatile' ? new Writer(w.buffers) : undefined
   await sleep(SETTLE_MS)
@@ -326,6 +328,12 @@ async function runKsmd(spec: Spec): Promise<ChildResult> {
   const before = snapshot()
   send({ type: 'ready', pid: process.pid, pages: w.pages, ideal: w.ideal, before })
   await next('go')
+  // MADV_MERGEABLE only now, after the parent has tuned ksmd: if another process already runs
+  // ksmd, marking the memory earlier would let it merge before the clock starts
+  const a = process.hrtime.bigint()
+  for (const sab of blocks) arena.advise(sab, true)
+  const adviseS = seconds(a)
+  await send({ type: 'advised' })
   await next('stop') // the parent watches ksmd's counters and this process's ksm_stat
   const report = writer ? await writer.stop() : undefined
   const v = process.hrtime.bigint()
@@ -333,7 +341,7 @@ async function runKsmd(spec: Spec): Promise<ChildResult> {
   const verifyS = seconds(v)
   await gcRounds(3, 'bench')
   const after = snapshot()
-  return { pages: w.pages, ideal: w.ideal, ...(w.files ? { files: w.files } : {}), before, after, ...lost, verifyS, ...(report ? { writer: report } : {}), fillS }
+  return { pages: w.pages, ideal: w.ideal, ...(w.files ? { files: w.files } : {}), before, after, ...lost, verifyS, ...(report ? { writer: report } : {}), fillS, adviseS }
 }
 
 async function child(): Promise<void> {

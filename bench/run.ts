@@ -212,6 +212,8 @@ export interface Measured {
   bytesLost: number
   fillS: number
   verifyS: number
+  /** ksmd: seconds the child took to mark its memory MADV_MERGEABLE, within wallS. */
+  adviseS?: number
   limitMs?: number
   stats?: Stats
   ksmd?: {
@@ -327,6 +329,7 @@ async function runTask(task: Task, opts: Options): Promise<Measured | Failure> {
       let best = 0, rise = { wall: 0, cpuNs: cpu0, scanned: scanned0, scans: scans0 }
       let converged = false, s = s0, stat: Record<string, number> = {}
       let disturbed: string | undefined
+      let advisedScans: number | undefined // full_scans when the child had marked all its memory mergeable
       const deadline = c.ksmd === KSMD_TUNED ? RUN_TIMEOUT_MS.tuned : RUN_TIMEOUT_MS.background
       for (;;) {
         await sleep(POLL_MS)
@@ -341,8 +344,9 @@ async function runTask(task: Task, opts: Options): Promise<Measured | Failure> {
         samplePss()
         status = ` · ${mibs(best * PAGE_SIZE)} merging, ${scans - scans0} full scans`
         show()
+        if (advisedScans === undefined && messages.some((m) => m.type === 'advised')) advisedScans = scans // all the memory is mergeable from here
         if (best >= ready.ideal.mergingPages) converged = true // everything that can merge has
-        else if (scans >= rise.scans + 2 && scans >= scans0 + MIN_FULL_SCANS) converged = true // a whole full scan merged nothing new
+        else if (advisedScans !== undefined && scans >= rise.scans + 2 && scans >= advisedScans + MIN_FULL_SCANS) converged = true // a whole full scan merged nothing new
         if (converged || since() * 1e3 > deadline) break
       }
       restoreKnobs() // ksmd stops (run as it was); what it merged stays merged
@@ -401,6 +405,7 @@ async function runTask(task: Task, opts: Options): Promise<Measured | Failure> {
     }
     m.cpuUsPerScannedPage = (m.cpuS * 1e6) / m.pagesScanned
     if (r.limitMs !== undefined) m.limitMs = r.limitMs
+    if (r.adviseS !== undefined) m.adviseS = r.adviseS
     if (stats) m.stats = stats
     if (ksmd && c.ksmd) m.ksmd = { knobs: c.ksmd, processStat: ksmd.processStat, systemSharedBefore: ksmd.sharedBefore, ...(ksmd.useZeroPages !== undefined ? { useZeroPages: ksmd.useZeroPages } : {}), ...(ksmd.disturbed ? { disturbed: ksmd.disturbed } : {}) }
     if (r.writer) m.writer = r.writer
