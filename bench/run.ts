@@ -84,7 +84,7 @@ const USAGE = `usage: npm run bench -- [options]
   --only LIST             workloads, comma-separated (${WORKLOAD_NAMES.join(',')}); default all
   --size MiB              each workload's size for mergeNow, ksmd tuned and the limit (1024; a multiple of 64)
   --background-size MiB   size for pagemerge background and ksmd at its defaults (128; a multiple of 64)
-  --runs N                run everything N times; tables show medians and [min-max] (1)
+  --runs N                run everything N times; tables show medians and [min..max] (1)
   --json                  print the results as JSON instead of the table
   --quick                 smoke test: --size 64 --background-size 64, no ksmd at its defaults
   --scale                 only clones at 256 MiB, 1 GiB and 4 GiB: does time grow linearly?
@@ -501,7 +501,7 @@ interface Goal {
 
 type Results = Measured[]
 
-const find = (res: Results, w: WorkloadName, c: ContenderId, run: number) => res.find((m) => m.workload === w && m.contender === c && m.run === run && (c !== 'limit' || true))
+const find = (res: Results, w: WorkloadName, c: ContenderId, run: number) => res.find((m) => m.workload === w && m.contender === c && m.run === run)
 
 /** Per run, `f` of the two contenders' measurements of that run; the goal is held to the median. */
 function ratioGoal(res: Results, runs: number, w: WorkloadName, a: ContenderId, b: ContenderId, f: (x: Measured, y: Measured) => number, name: string, max: number, failures: Failure[]): Goal {
@@ -611,7 +611,7 @@ function spread(values: number[], f: (v: number) => string): string {
   if (values.length === 0) return '-'
   const med = f(median(values))
   if (values.length === 1) return med
-  return `${med} [${f(Math.min(...values))}-${f(Math.max(...values))}]`
+  return `${med} [${f(Math.min(...values))}..${f(Math.max(...values))}]`
 }
 
 function tables(res: Results, failures: Failure[], opts: Options, out: (line: string) => void): void {
@@ -792,7 +792,7 @@ async function main(): Promise<void> {
     return
   }
   const out = (line: string) => console.log(line)
-  out(`pagemerge bench: ${opts.scale ? `clones at ${SCALE_SIZES_MIB.map((m) => mibs(m * MiB)).join(', ')}` : `${opts.only.join(', ')} at ${mibs(opts.sizeMiB * MiB)}${opts.background ? `, background at ${mibs(opts.backgroundSizeMiB * MiB)}` : ''}`}; ${opts.runs} run${opts.runs > 1 ? 's, medians [min-max]' : ''}`)
+  out(`pagemerge bench: ${opts.scale ? `clones at ${SCALE_SIZES_MIB.map((m) => mibs(m * MiB)).join(', ')}` : `${opts.only.join(', ')} at ${mibs(opts.sizeMiB * MiB)}${opts.background ? `, background at ${mibs(opts.backgroundSizeMiB * MiB)}` : ''}`}; ${opts.runs} run${opts.runs > 1 ? 's, medians [min..max]' : ''}`)
   out(mcLine)
   out(`ksmd: ${ksmdSkip ? `skipped: ${ksmdSkip}` : `use_zero_pages=${knobsBefore.useZeroPages ?? '?'}, smart_scan=${knobsBefore.smartScan ?? '?'}, max_page_sharing=${knobsBefore.maxPageSharing ?? '?'}; knobs ${json.ksmd.restored ? 'restored' : `NOT restored (${restoreErrors.join('; ')})`}, now run=${knobsAfter.run}, pages_to_scan=${knobsAfter.pagesToScan}, sleep_millisecs=${knobsAfter.sleepMillisecs}${json.ksmd.changedElsewhere ? ` (before the bench: run=${knobsBefore.run}, pages_to_scan=${knobsBefore.pagesToScan}, sleep_millisecs=${knobsBefore.sleepMillisecs}: another process tuned ksmd meanwhile)` : ''}`}`)
   out(`command: ${command}`)
@@ -807,6 +807,11 @@ async function main(): Promise<void> {
 main().catch((err) => {
   restoreKnobs()
   progress.clear()
+  if (err instanceof RangeError || (err as { code?: string }).code?.startsWith('ERR_PARSE_ARGS')) {
+    console.error(`bench: ${(err as Error).message}\n\n${USAGE}`) // a wrong argument: the message and the usage, no stack
+    process.exitCode = 2
+    return
+  }
   console.error(err)
   process.exitCode = 1
 })
