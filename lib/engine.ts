@@ -119,6 +119,11 @@ const MERGE_NOW_BATCH = 1 << 16
  * this bounds how long a writer on another thread can wait (2 MiB: a fraction of a millisecond).
  */
 const MAX_EXTENT_PAGES = 512
+/**
+ * Full scans one mergeNow() makes at most: an application that keeps rewriting pages gives every
+ * scan something new to merge, and mergeNow() must still end (what keeps changing is volatile).
+ */
+const MERGE_NOW_SCANS = 4
 /** How often mergeNow() looks at ksmd's full_scans with engine 'kernel'. */
 const KSMD_POLL_MS = 20
 /**
@@ -126,6 +131,8 @@ const KSMD_POLL_MS = 20
  * ksmd merges a page only on its second sight with an unchanged checksum.
  */
 const KSMD_SCANS = 3
+/** Full scans of ksmd after which mergeNow() stops waiting, converged or not (pages that keep changing). */
+const KSMD_MAX_SCANS = 12
 
 /**
  * Per-page state, indexed by slot, in SharedArrayBuffers so workers can fill it: 9 bytes a page.
@@ -422,7 +429,7 @@ export class Engine {
           const merged = this.c.mergedThisScan
           this.endScan(true)
           report?.()
-          if (merged === 0 || this.regions.length === 0) return this.stats()
+          if (merged === 0 || this.regions.length === 0 || this.c.fullScans - scansBefore >= MERGE_NOW_SCANS) return this.stats()
           next = this.begin(MERGE_NOW_BATCH, true)
         }
       } finally {
@@ -432,11 +439,13 @@ export class Engine {
   }
 
   /**
-   * mergeNow() with engine 'kernel': waits until ksmd has finished enough full scans to have seen
-   * every page twice, or rejects at once if ksmd is not running (run is not 1).
+   * mergeNow() with engine 'kernel': waits until ksmd has seen every page twice and a whole scan
+   * merged nothing more in this process (or 12 scans have passed), or rejects at once if ksmd is
+   * not running (run is not 1).
    */
   private async awaitKsmd(onProgress: MergeNowOptions['onProgress']): Promise<Stats> {
     const start = this.kernel.counters()
+    let lastScans = 0, lastMerged = -1
     for (;;) {
       const now = this.kernel.counters()
       if (now.run !== 1)
@@ -446,7 +455,13 @@ export class Engine {
         const st = this.stats()
         onProgress({ pagesScanned: now.pagesScanned - start.pagesScanned, pagesTotal: st.pagesTracked, fullScans, pagesSharing: st.kernelMergingPages, zeroPages: st.kernelZeroPages })
       }
-      if (fullScans >= KSMD_SCANS) return this.stats()
+      if (fullScans > lastScans) {
+        // Converged: a whole scan after the first few that merged nothing more in this process.
+        const merged = this.kernel.processCounters().mergingPages ?? 0
+        if ((fullScans >= KSMD_SCANS && merged === lastMerged) || fullScans >= KSMD_MAX_SCANS) return this.stats()
+        lastScans = fullScans
+        lastMerged = merged
+      }
       await new Promise((r) => setTimeout(r, KSMD_POLL_MS))
     }
   }
@@ -757,9 +772,12 @@ export class Engine {
     const merges = this.planMerges(shards, held) // [id, page, pool, count, slot, batch index]
     for (let m = 0; m < merges.length; m += 6) if (merges[m + 2]! & PROVISIONAL) runs[runOf(merges[m + 2]!) * 6 + 3]!++
     const made = new Int32Array(runs.length / 6).fill(-1) // first pool page of each run, or -1
+    const refused = new Uint8Array(runs.length / 6) // runs the budget refused: their merges are skipped too
     const outPool = new Uint32Array(runs.length / 6)
-    this.run(runs, 6, 4, 2, (extents, status) => this.arena.stabilize(extents, status, this.options.mapBudget, outPool), (e, ok, n) => {
+    // A run the budget refuses costs the pages that would have merged onto it, counted below, not its own.
+    this.run(runs, 6, 4, undefined, (extents, status) => this.arena.stabilize(extents, status, this.options.mapBudget, outPool), (e, ok, n, status) => {
       if (ok) made[n] = outPool[n]!
+      if (status === Status.BUDGET) refused[n] = 1
       for (let k = 0; k < e[2]!; k++) {
         const s = e[4]! + k
         const node = words[2 * s]!
@@ -787,6 +805,7 @@ export class Engine {
       }
       const n = runOf(first)
       if (made[n]! < 0) {
+        if (refused[n]) this.c.skipped += record[3]!
         for (let k = 0; k < record[3]!; k++) this.dropSharer(this.planNode[record[5]! + k]!)
         continue
       }
@@ -848,15 +867,16 @@ export class Engine {
    * Carries out extents in one bridge call. `records` holds `stride` numbers per extent, of
    * which the first `nativeStride` are the bridge's record and the one at `countAt` its page
    * count. The bridge leaves alone (and reports) extents that would pass the mapping budget;
-   * they are counted as skipped. `done(record, ok, index)` runs for every record.
+   * their pages (at `countAt`, if given) are counted as skipped. `done(record, ok, index,
+   * status)` runs for every record.
    */
   private run(
     records: number[],
     stride: number,
     nativeStride: number,
-    countAt: number,
+    countAt: number | undefined,
     call: (extents: Uint32Array, status: Int32Array) => number,
-    done: (record: number[], ok: boolean, index: number) => void,
+    done: (record: number[], ok: boolean, index: number, status: number) => void,
   ): void {
     const n = records.length / stride
     if (n === 0) return
@@ -867,8 +887,8 @@ export class Engine {
     const record: number[] = new Array(stride)
     for (let i = 0; i < n; i++) {
       for (let k = 0; k < stride; k++) record[k] = records[i * stride + k]!
-      if (status[i] === Status.BUDGET) this.c.skipped += record[countAt]!
-      done(record, status[i] === Status.OK, i)
+      if (status[i] === Status.BUDGET && countAt !== undefined) this.c.skipped += record[countAt]!
+      done(record, status[i] === Status.OK, i, status[i]!)
     }
   }
 
