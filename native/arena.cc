@@ -200,6 +200,7 @@ struct ArenaCore {
   int64_t reserved = 0;  // of which: cuts stabilize() counted for the merges onto its pool pages, not made yet
   std::chrono::steady_clock::time_point counted;
   std::chrono::steady_clock::duration countCost{};  // how long the last count took
+  bool firstCount = true;  // the first count near the budget in a call is not held back
   uint64_t poolPages = 0, poolMappings = 0, trackedPages = 0, punchFailures = 0;
 
   int pagemapFd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);  // kept open: read every batch
@@ -340,9 +341,9 @@ struct ArenaCore {
   // Whether `cost` more mappings fit under `budget`; if so they are counted as taken. The
   // process's mappings are counted again (reading /proc/self/maps costs ~1 µs per mapping) when
   // the estimate is a second old, or near the budget and either holds our own worst cases or is
-  // 100 ms old; and near the budget at most once per ten times a count takes, so that counting
-  // never costs more than a tenth of the time. In between, our own changes are added at their
-  // worst case, so the estimate only errs high.
+  // 100 ms old; after the first such count of a call, at most once per ten times a count takes,
+  // so that a call of many small extents never spends more than a tenth of its time counting. In
+  // between, our own changes are added at their worst case, so the estimate only errs high.
   bool Fits(int64_t cost, double budget) {
     if (cost <= 0) return true;
     auto now = std::chrono::steady_clock::now();
@@ -350,13 +351,14 @@ struct ArenaCore {
     double margin = std::max(256.0, budget / 32);
     bool near = static_cast<double>(mappings + cost) > budget - margin;
     if (mappings < 0 || age > std::chrono::seconds(1) ||
-        (near && age > 10 * countCost && (dirty || age > std::chrono::milliseconds(100)))) {
+        (near && (firstCount || age > 10 * countCost) && (dirty || age > std::chrono::milliseconds(100)))) {
       int64_t n = CountMappings();
       if (n < 0) return false;
       mappings = n + reserved;
       counted = std::chrono::steady_clock::now();
       countCost = counted - now;
       dirty = false;
+      firstCount = false;
     }
     if (static_cast<double>(mappings + cost) > budget) return false;
     mappings += cost;
@@ -666,6 +668,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
       return ThrowType(env, code::INVALID_ARG, "outPool must be a Uint32Array with one entry per extent");
     uint32_t* poolOut = reinterpret_cast<uint32_t*>(outPool.data);
     ArenaLock lock(*core_);
+    core_->firstCount = true;
     ArenaCore& c = *core_;
     std::vector<Allocation*> alloc;
     if (!ResolveAll(env, ex, 4, 2, &alloc)) return Napi::Value();
@@ -736,6 +739,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     double budget;
     if (!ReadExtents(info, 4, true, &ex) || !ReadBudget(info, 2, &budget)) return Napi::Value();
     ArenaLock lock(*core_);
+    core_->firstCount = true;
     ArenaCore& c = *core_;
     std::vector<Allocation*> alloc;
     if (!ResolveAll(env, ex, 4, 3, &alloc)) return Napi::Value();
@@ -787,13 +791,15 @@ class Arena : public Napi::ObjectWrap<Arena> {
   }
 
   // dropZero(extents [id, page, count], status, budget) -> pages dropped. Each extent must be all
-  // zero bytes, checked right before; afterwards reads see the kernel's zero page, costing nothing.
+  // zero bytes, checked right before; afterwards reads see the kernel's zero page, costing nothing
+  // (except for windows punched in place because the budget had no room for a new mapping).
   Napi::Value DropZero(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     Extents ex;
     double budget;
     if (!ReadExtents(info, 3, true, &ex) || !ReadBudget(info, 2, &budget)) return Napi::Value();
     ArenaLock lock(*core_);
+    core_->firstCount = true;
     ArenaCore& c = *core_;
     std::vector<Allocation*> alloc;
     if (!ResolveAll(env, ex, 3, 2, &alloc)) return Napi::Value();
@@ -808,11 +814,16 @@ class Arena : public Napi::ObjectWrap<Arena> {
       uint64_t page = r[1], count = r[2], len = count * kPage;
       uint8_t* dst = a->base + page * kPage;
       // Private anonymous memory drops its pages in place; anything file-backed would show the
-      // file's bytes again (or keep them), so it is replaced by fresh anonymous memory instead.
-      bool anon = AllState(*a, page, count, kAnon);
-      if (!anon && !c.Fits(kCuts, budget)) {
-        ex.status[i] = kBudget;
-        continue;
+      // file's bytes again (or keep them), so it is replaced by fresh anonymous memory instead,
+      // whose reads map the kernel's zero page. When that mapping does not fit the budget, a memfd
+      // window's own pages are punched out of the file in place (reading them allocates again).
+      bool anon = AllState(*a, page, count, kAnon), remap = !anon;
+      if (remap && !c.Fits(kCuts, budget)) {
+        if (!AllState(*a, page, count, kShared)) {
+          ex.status[i] = kBudget;
+          continue;
+        }
+        remap = false;
       }
       ProtectedRange hold(c.wp, dst, len);  // from the check to the drop, writers wait
       if (hold.error()) {
@@ -825,15 +836,15 @@ class Arena : public Napi::ObjectWrap<Arena> {
         ex.status[i] = kMismatch;
         continue;
       }
-      int rc = anon
-                   ? madvise(dst, len, MADV_DONTNEED)
-                   : (mmap(dst, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED ? -1 : 0);
+      int rc = anon    ? madvise(dst, len, MADV_DONTNEED)
+               : remap ? (mmap(dst, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED ? -1 : 0)
+                       : 0;  // punched by Retarget
       if (rc != 0) {
         ex.status[i] = -errno;
         continue;
       }
-      if (!anon) hold.Remapped();  // a new mapping; pages dropped in place keep theirs, whose protection Release() clears
-      c.Retarget(*a, page, count, kNoPool, kAnon);
+      if (remap) hold.Remapped();  // a new mapping; pages dropped in place keep theirs, whose protection Release() clears
+      c.Retarget(*a, page, count, kNoPool, remap || anon ? kAnon : kShared);
       ex.status[i] = kOk;
       done += count;
     }
@@ -848,6 +859,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     double budget;
     if (!ReadExtents(info, 3, true, &ex) || !ReadBudget(info, 2, &budget)) return Napi::Value();
     ArenaLock lock(*core_);
+    core_->firstCount = true;
     std::vector<Allocation*> alloc;
     if (!ResolveAll(env, ex, 3, 2, &alloc)) return Napi::Value();
     uint64_t done = 0;

@@ -106,6 +106,28 @@ for (const shared of [true, false]) {
   })
 }
 
+t.test('zero pages of a memfd window with no room in the budget: punched in place, no new mapping', async (t) => {
+  const arena = new native.Arena()
+  const z = new Uint8Array(arena.alloc(16 * MiB, true))
+  for (let i = 0; i < z.length; i += PAGE) z[i] = 1
+  z.fill(0)
+  const maps = native.mappingCount()
+  const before = arena.stats().arenaBytes
+  const status = new Int32Array(64)
+  // 64 separate 16-page extents, each of which would cut the window's mapping
+  const extents = new Uint32Array(Array.from({ length: 64 }, (_, i) => [arena.idOf(z), i * 64, 16]).flat())
+  t.equal(arena.dropZero(extents, status, maps), 64 * 16, 'every extent dropped')
+  t.ok(status.every((s) => s === Status.OK), 'each OK')
+  t.equal(native.mappingCount(), maps, 'not one mapping more')
+  t.equal(before - arena.stats().arenaBytes, 64 * 16 * PAGE, 'their pages left the arena file')
+  const states = new Uint8Array(16), pools = new Uint32Array(16)
+  arena.pageStates(z, 0, 16, states, pools)
+  t.ok(states.every((s) => s === PageState.SHARED), 'still the window')
+  z[5 * PAGE] = 7
+  t.equal(z[5 * PAGE], 7, 'writes work')
+  t.ok(z.every((x, i) => x === (i === 5 * PAGE ? 7 : 0)), 'every other byte reads zero')
+})
+
 t.test('a merge whose bytes no longer match is refused and reported, nothing changed', async (t) => {
   const arena = new native.Arena()
   const { a, b } = pair(arena, 1 * MiB, 3)
