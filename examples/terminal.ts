@@ -6,6 +6,7 @@
 import { readFileSync } from 'node:fs'
 import { endianness } from 'node:os'
 import { stripVTControlCharacters } from 'node:util'
+import { SingleBar } from 'cli-progress'
 import Table from 'cli-table3'
 import { createColors } from 'picocolors'
 
@@ -111,4 +112,44 @@ export function kernelPageSize(): number {
   const word = (at: number) => (endianness() === 'LE' ? auxv.readBigUInt64LE(at) : auxv.readBigUInt64BE(at))
   for (let at = 0; at + 16 <= auxv.length; at += 16) if (word(at) === AT_PAGESZ) return Number(word(at + 8))
   throw new CliError('cannot read the page size: no AT_PAGESZ in /proc/self/auxv')
+}
+
+/** The progress bar on stderr, one per phase; nothing at all when stderr is not a terminal. */
+export class Progress {
+  #bar: SingleBar | undefined
+  readonly #enabled: boolean
+  readonly #c: Colors
+
+  constructor(enabled: boolean, color: boolean) {
+    this.#enabled = enabled && process.stderr.isTTY === true
+    this.#c = colorsFor(process.stderr, color)
+  }
+
+  start(phase: string, total: number, detail = ''): void {
+    if (!this.#enabled) return
+    this.stop()
+    const c = this.#c
+    this.#bar = new SingleBar({
+      stream: process.stderr,
+      format: `${c.bold('{phase}')} ${c.cyan('{bar}')} {percentage}% ${c.dim('|')} {detail}`,
+      barCompleteChar: '\u2588',
+      barIncompleteChar: '\u2591',
+      barsize: 30,
+      hideCursor: true,
+      clearOnComplete: true,
+    })
+    this.#bar.start(Math.max(1, total), 0, { phase: phase.padEnd(10), detail })
+  }
+
+  update(value: number, total: number, detail: string): void {
+    if (this.#bar === undefined) return
+    this.#bar.setTotal(Math.max(1, total))
+    this.#bar.update(value, { detail })
+  }
+
+  /** Removes the bar and gives the cursor back. */
+  stop(): void {
+    this.#bar?.stop()
+    this.#bar = undefined
+  }
 }

@@ -7,10 +7,9 @@ import { setImmediate as nextTurn } from 'node:timers/promises'
 import { statSync } from 'node:fs'
 import { resolve } from 'node:path'
 import { Command, InvalidArgumentError } from 'commander'
-import { SingleBar } from 'cli-progress'
 import { PageMerger, smapsRollup, type Stats } from '../../lib/index'
 import { defaultDataDir, listFiles, readInto } from '../dataset'
-import { CliError, colorsFor, fmt, table, type Colors } from '../terminal'
+import { CliError, colorsFor, fmt, Progress, table, type Colors } from '../terminal'
 
 const MiB = 1024 * 1024
 const PAGE = 4096
@@ -116,46 +115,6 @@ Examples:
         )
       }
     })
-}
-
-/** The progress bar on stderr, one per phase; nothing at all when stderr is not a terminal. */
-class Progress {
-  #bar: SingleBar | undefined
-  readonly #enabled: boolean
-  readonly #c: Colors
-
-  constructor(enabled: boolean, color: boolean) {
-    this.#enabled = enabled && process.stderr.isTTY === true
-    this.#c = colorsFor(process.stderr, color)
-  }
-
-  start(phase: string, total: number, detail = ''): void {
-    if (!this.#enabled) return
-    this.stop()
-    const c = this.#c
-    this.#bar = new SingleBar({
-      stream: process.stderr,
-      format: `${c.bold('{phase}')} ${c.cyan('{bar}')} {percentage}% ${c.dim('|')} {detail}`,
-      barCompleteChar: '\u2588',
-      barIncompleteChar: '\u2591',
-      barsize: 30,
-      hideCursor: true,
-      clearOnComplete: true,
-    })
-    this.#bar.start(Math.max(1, total), 0, { phase: phase.padEnd(9), detail })
-  }
-
-  update(value: number, total: number, detail: string): void {
-    if (this.#bar === undefined) return
-    this.#bar.setTotal(Math.max(1, total))
-    this.#bar.update(value, { detail })
-  }
-
-  /** Removes the bar and gives the cursor back. */
-  stop(): void {
-    this.#bar?.stop()
-    this.#bar = undefined
-  }
 }
 
 /** Bytes at which `a` and `b` (of equal length) differ. */

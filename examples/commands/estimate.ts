@@ -5,10 +5,9 @@
  * none could be, 2 for bad usage.
  */
 import { readdirSync, readFileSync } from 'node:fs'
-import { SingleBar } from 'cli-progress'
 import { Command, InvalidArgumentError } from 'commander'
 import { estimate, type EstimateProgress, type EstimateReport, type ProcessEstimate, type ProcessStatus } from '../../lib/index'
-import { CliError, colorsFor, EXIT_USAGE, fmt, table, type Colors } from '../terminal'
+import { CliError, colorsFor, EXIT_USAGE, fmt, Progress, table, type Colors } from '../terminal'
 
 interface EstimateCliOptions {
   pid?: number[]
@@ -74,34 +73,14 @@ function pidsByName(pattern: string): number[] {
 
 /** The bar on stderr while reading and confirming; nothing when stderr is not a terminal. */
 function progressBar(enabled: boolean, color: boolean): { update(p: EstimateProgress): void; stop(): void } {
-  if (!enabled || process.stderr.isTTY !== true) return { update: () => {}, stop: () => {} }
-  const c = colorsFor(process.stderr, color)
-  let bar: SingleBar | undefined
+  const bar = new Progress(enabled, color)
   let phase = ''
   return {
     update(p) {
-      if (p.phase !== phase) {
-        bar?.stop()
-        phase = p.phase
-        bar = new SingleBar({
-          stream: process.stderr,
-          format: `${c.bold('{phase}')} ${c.cyan('{bar}')} {percentage}% ${c.dim('|')} {detail}`,
-          barCompleteChar: '\u2588',
-          barIncompleteChar: '\u2591',
-          barsize: 30,
-          hideCursor: true,
-          clearOnComplete: true,
-        })
-        bar.start(Math.max(1, p.total), 0, { phase: phase.padEnd(10), detail: '' })
-      }
-      const detail = p.phase === 'reading' ? `${fmt.mib(p.done)} of ${fmt.mib(p.total)} mapped` : `${fmt.int(p.done)} of ${fmt.int(p.total)} candidate pages`
-      bar!.setTotal(Math.max(1, p.total))
-      bar!.update(p.done, { detail })
+      if (p.phase !== phase) bar.start((phase = p.phase), p.total)
+      bar.update(p.done, p.total, p.phase === 'reading' ? `${fmt.mib(p.done)} of ${fmt.mib(p.total)} mapped` : `${fmt.int(p.done)} of ${fmt.int(p.total)} candidate pages`)
     },
-    stop() {
-      bar?.stop()
-      bar = undefined
-    },
+    stop: () => bar.stop(),
   }
 }
 
