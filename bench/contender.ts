@@ -78,7 +78,7 @@ export interface WriterReport {
 }
 
 export type ChildMessage =
-  | { type: 'ready'; pid: number; pages: number; ideal: Ideal; before: Snapshot }
+  | { type: 'ready'; pid: number; pages: number; ideal: Ideal; before: Snapshot; ranges?: Array<[string, number]> }
   | { type: 'progress'; freedPages: number; fullScans: number }
   | { type: 'advised' }
   | { type: 'result'; result: ChildResult }
@@ -250,21 +250,32 @@ async function runLimit(spec: Spec): Promise<ChildResult> {
   return { pages, ideal: { freedPages: 0, mergingPages: 0 }, before, after: snapshot(), mismatchedPages: 0, bytesLost: 0, verifyS: 0, limitMs, fillS }
 }
 
-async function runPageMerger(spec: Spec): Promise<ChildResult> {
-  const background = spec.kind === 'pm-bg'
-  const pm = new PageMerger(background ? { pagesToScan: spec.pagesToScan ?? 100, sleepMillisecs: spec.sleepMillisecs ?? 20 } : {})
+/**
+ * Fills the workload through `alloc`, starts the volatile writer, lets the process settle, then
+ * reports ready and waits for the parent's go: what every contender but the limit does first.
+ */
+async function prepare(spec: Spec, alloc: (bytes: number) => Uint8Array) {
   const t = process.hrtime.bigint()
-  const w = loadWorkload(spec.workload, spec.bytes, (n) => {
-    const b = pm.alloc(n)
-    return new Uint8Array(b.buffer, 0, b.buffer.byteLength)
-  }, spec.filesRoot ? { filesRoot: spec.filesRoot } : {})
+  const w = loadWorkload(spec.workload, spec.bytes, alloc, spec.filesRoot ? { filesRoot: spec.filesRoot } : {})
   const fillS = seconds(t)
   const writer = spec.workload === 'volatile' ? new Writer(w.buffers) : undefined
   await sleep(SETTLE_MS)
   await gcRounds(3, 'bench')
   const before = snapshot()
-  send({ type: 'ready', pid: process.pid, pages: w.pages, ideal: w.ideal, before })
+  // files: where its buffers are, for the parent's estimator to read before the merging starts
+  const ranges = spec.workload === 'files' ? w.buffers.map((b): [string, number] => [String(loadNative().addressOf(b)), b.byteLength]) : undefined
+  send({ type: 'ready', pid: process.pid, pages: w.pages, ideal: w.ideal, before, ...(ranges ? { ranges } : {}) })
   await next('go')
+  return { w, fillS, writer, before }
+}
+
+async function runPageMerger(spec: Spec): Promise<ChildResult> {
+  const background = spec.kind === 'pm-bg'
+  const pm = new PageMerger(background ? { pagesToScan: spec.pagesToScan ?? 100, sleepMillisecs: spec.sleepMillisecs ?? 20 } : {})
+  const { w, fillS, writer, before } = await prepare(spec, (n) => {
+    const b = pm.alloc(n)
+    return new Uint8Array(b.buffer, 0, b.buffer.byteLength)
+  })
   // CPU: every thread of this process (the coordinator, the pool) less the volatile writer, which is the application's
   const writer0 = writer?.cpuS() ?? 0
   const cpu0 = process.cpuUsage()
@@ -315,19 +326,11 @@ async function runKsmd(spec: Spec): Promise<ChildResult> {
   const native = loadNative()
   const arena = new native.Arena()
   const blocks: SharedArrayBuffer[] = []
-  const t = process.hrtime.bigint()
-  const w = loadWorkload(spec.workload, spec.bytes, (n) => {
+  const { w, fillS, writer, before } = await prepare(spec, (n) => {
     const sab = arena.alloc(n, false) // private anonymous: what ksmd merges
     blocks.push(sab)
     return new Uint8Array(sab)
-  }, spec.filesRoot ? { filesRoot: spec.filesRoot } : {})
-  const fillS = seconds(t)
-  const writer = spec.workload === 'volatile' ? new Writer(w.buffers) : undefined
-  await sleep(SETTLE_MS)
-  await gcRounds(3, 'bench')
-  const before = snapshot()
-  send({ type: 'ready', pid: process.pid, pages: w.pages, ideal: w.ideal, before })
-  await next('go')
+  })
   // MADV_MERGEABLE only now, after the parent has tuned ksmd: if another process already runs
   // ksmd, marking the memory earlier would let it merge before the clock starts
   const a = process.hrtime.bigint()

@@ -23,6 +23,7 @@ import { loadavg } from 'node:os'
 import { join, relative, resolve } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { parseArgs } from 'node:util'
+import { estimate } from '../lib/estimate'
 import { KernelKsm, kernelKsmAvailable, type KsmKnobs } from '../lib/kernel'
 import { PAGE_SIZE } from '../lib/native'
 import type { Stats } from '../lib/engine'
@@ -226,6 +227,8 @@ export interface Measured {
   }
   writer?: ChildResult['writer']
   files?: ChildResult['files']
+  /** files, pagemerge mergeNow(): what the estimator predicted merging would free, in pages, read before the merge. */
+  estimatedFreedPages?: number
   /** Pss freed over time (clones, first run): [seconds since go, bytes]. */
   freedOverTime?: [number, number][]
 }
@@ -312,6 +315,12 @@ async function runTask(task: Task, opts: Options): Promise<Measured | Failure> {
     const tick = () => {
       samplePss()
       show()
+    }
+    // files: what the estimator predicts merging would free in the child's buffers, read before it starts
+    let estimated: number | undefined
+    if (ready.ranges && task.contender === 'pm-now') {
+      const r = await estimate({ pids: [pid], ranges: { [pid]: ready.ranges.map(([address, bytes]) => ({ address: BigInt(address), bytes })) } })
+      estimated = r.total.bytesFreeable / r.pageSize
     }
     let ksmd: { wallS: number; cpuS: number; converged: boolean; scanned: number; fullScans: number; freedCounted: number; processStat: Record<string, number>; sharedBefore: number; useZeroPages?: number; disturbed?: string } | undefined
     if (c.ksmd) {
@@ -410,6 +419,7 @@ async function runTask(task: Task, opts: Options): Promise<Measured | Failure> {
     if (ksmd && c.ksmd) m.ksmd = { knobs: c.ksmd, processStat: ksmd.processStat, systemSharedBefore: ksmd.sharedBefore, ...(ksmd.useZeroPages !== undefined ? { useZeroPages: ksmd.useZeroPages } : {}), ...(ksmd.disturbed ? { disturbed: ksmd.disturbed } : {}) }
     if (r.writer) m.writer = r.writer
     if (r.files) m.files = r.files
+    if (estimated !== undefined) m.estimatedFreedPages = estimated
     if (task.sample) m.freedOverTime = freedOverTime
     status = ''
     progress.log(`bench ${what}: ${oneLine(m)}`)
@@ -625,7 +635,10 @@ function tables(res: Results, failures: Failure[], opts: Options, out: (line: st
       const rows = ids.map((c) => res.filter((m) => m.workload === w && m.contender === c && (size === undefined || m.bytes === size))).filter((r) => r.length)
       const first = rows.find((r) => r[0]!.contender === 'pm-now')?.[0] ?? rows[0]?.[0]
       const ideal = first ? `${first.pages} pages, ideal ${first.ideal.freedPages} freed = ${mibs(first.ideal.freedPages * PAGE_SIZE)}` : 'nothing measured'
-      const extra = w === 'files' ? `; ${first?.files ? `${first.files.files} files, ${mibs(first.files.bytes)} per tenant x ${first.files.tenants} tenants from ${first.files.root}` : ''}; estimator: not yet available` : ''
+      const pmNow = rows.find((r) => r[0]!.contender === 'pm-now')?.[0]
+      const predicted = pmNow?.estimatedFreedPages
+      const estimator = predicted === undefined ? 'estimator: not run' : `estimator predicted ${predicted} pages freeable, pagemerge mergeNow() counted ${pmNow!.freedPagesCounted} (${((100 * pmNow!.freedPagesCounted) / predicted).toFixed(1)}%)`
+      const extra = w === 'files' ? `; ${first?.files ? `${first.files.files} files, ${mibs(first.files.bytes)} per tenant x ${first.files.tenants} tenants from ${first.files.root}` : ''}; ${estimator}` : ''
       groups.push({ title: `${w}${size ? ` ${mibs(size)}` : ''} (${ideal}${extra})`, rows, failed: failures.filter((x) => x.workload === w) })
     }
   }
@@ -774,7 +787,7 @@ async function main(): Promise<void> {
       /** The knobs differ from before the bench although every restore succeeded: another process on this machine tuned ksmd meanwhile. */
       changedElsewhere: restoreErrors.length === 0 && knobsDiffer,
     },
-    estimator: 'not yet available',
+    estimator: 'files: estimatedFreedPages of the pagemerge mergeNow() rows, read from the child before it merged',
     goals: gs.map((g) => ({ name: g.name, value: g.value, samples: g.samples, goal: g.goal, pass: g.pass, ...(g.why ? { why: g.why } : {}) })),
     summary,
     results: res,
