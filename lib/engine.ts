@@ -41,6 +41,11 @@ export interface Stats {
   /** Pages in registered buffers. */
   pagesTracked: number
   /**
+   * Memory that unmergeAll() (or unregistering every buffer) would need back: every page that
+   * maps another page's stable page gets its own copy again (zero pages stay free).
+   */
+  unmergeBytes: number
+  /**
    * With engine 'kernel' or 'auto': what the kernel's ksmd merged in this whole process
    * (/proc/self/ksm_merging_pages, and ksm_zero_pages of /proc/self/ksm_stat); 0 with 'userspace'.
    */
@@ -971,6 +976,7 @@ export class Engine {
       pagesSkippedBudget: this.c.lastSkipped,
       metadataBytesPerPage: tracked ? metadata / tracked : 0,
       pagesTracked: tracked,
+      unmergeBytes: sharing * PAGE_SIZE,
       kernelMergingPages: kernel.mergingPages ?? 0,
       kernelZeroPages: kernel.zeroPages ?? 0,
     }

@@ -492,6 +492,7 @@ t.test('mergeNow({ onProgress }): called per batch, pages counted up to a full s
   t.ok(seen.every((p, i) => i === 0 || p.fullScans >= seen[i - 1]!.fullScans), 'fullScans never goes back')
   t.equal(seen.at(-1)!.fullScans, s.fullScans, 'the last call saw every full scan')
   t.equal(seen.at(-1)!.pagesSharing, pages, 'and the pages saved')
+  t.equal(s.unmergeBytes, pages * PAGE, 'unmergeAll() would need a copy of every page saved')
   throwsCoded(t, () => pm.mergeNow({ onProgress: 5 as unknown as () => void }), TypeError, ErrorCode.INVALID_ARG, 'onProgress not a function')
   throwsCoded(t, () => pm.mergeNow({ onProgres: () => {} } as object), TypeError, ErrorCode.UNKNOWN_OPTION, 'misspelt option')
   await t.rejects(pm.mergeNow({ onProgress: () => { throw Object.assign(new Error('from the callback'), { code: 'MINE' }) } }), { code: 'MINE' }, "a throwing callback rejects mergeNow() with its error")
