@@ -44,6 +44,7 @@ const GOAL = {
   freedOfIdeal: 0.95, // memory freed as the OS counts it, against the ideal
   perDoubling: 2.3, // --scale: wall and CPU grow linearly (2 per doubling; some slack for a shared machine)
   metaPerDoubling: 1.1, // --scale: metadata bytes per page stay flat
+  estimatorGBs: 2, // files: the estimator reads and hashes target memory at >= 2 GB/s (issue #6)
 }
 const POLL_MS = 10 // Pss samples for the chart, and ksmd's counters
 const READY_TIMEOUT_MS = 600_000 // filling 4 GiB on a busy machine
@@ -229,6 +230,8 @@ export interface Measured {
   files?: ChildResult['files']
   /** files, pagemerge mergeNow(): what the estimator predicted merging would free, in pages, read before the merge. */
   estimatedFreedPages?: number
+  /** ...and how fast: the target's bytes scanned per second of the whole estimate (reading, hashing, confirming), in GB/s. */
+  estimateGBs?: number
   /** Pss freed over time (clones, first run): [seconds since go, bytes]. */
   freedOverTime?: [number, number][]
 }
@@ -317,10 +320,11 @@ async function runTask(task: Task, opts: Options): Promise<Measured | Failure> {
       show()
     }
     // files: what the estimator predicts merging would free in the child's buffers, read before it starts
-    let estimated: number | undefined
+    let estimated: number | undefined, estimateGBs: number | undefined
     if (ready.ranges && task.contender === 'pm-now') {
       const r = await estimate({ pids: [pid], ranges: { [pid]: ready.ranges.map(([address, bytes]) => ({ address: BigInt(address), bytes })) } })
       estimated = r.total.bytesFreeable / r.pageSize
+      estimateGBs = (r.total.pagesScanned * r.pageSize) / (r.total.elapsedMs * 1e6) // target memory per second, confirming included
     }
     let ksmd: { wallS: number; cpuS: number; converged: boolean; scanned: number; fullScans: number; freedCounted: number; processStat: Record<string, number>; sharedBefore: number; useZeroPages?: number; disturbed?: string } | undefined
     if (c.ksmd) {
@@ -420,6 +424,7 @@ async function runTask(task: Task, opts: Options): Promise<Measured | Failure> {
     if (r.writer) m.writer = r.writer
     if (r.files) m.files = r.files
     if (estimated !== undefined) m.estimatedFreedPages = estimated
+    if (estimateGBs !== undefined) m.estimateGBs = estimateGBs
     if (task.sample) m.freedOverTime = freedOverTime
     status = ''
     progress.log(`bench ${what}: ${oneLine(m)}`)
@@ -575,6 +580,19 @@ function goals(res: Results, failures: Failure[], opts: Options): Goal[] {
       goal: `>= ${GOAL.freedOfIdeal * 100}%`,
       pass: s.length ? median(s) >= GOAL.freedOfIdeal : null,
       ...(s.length ? {} : { why: whyMissing(failures, w, ['pm-now']) }),
+    })
+  }
+  if (has('files')) {
+    // issue #6: the estimator reads and hashes other processes' memory at >= 2 GB/s on this machine
+    const s = res.filter((m) => m.workload === 'files' && m.estimateGBs !== undefined).map((m) => m.estimateGBs!)
+    out.push({
+      name: 'files: estimator, target memory read, hashed and confirmed per second',
+      value: median(s),
+      samples: s,
+      unit: (v) => `${v.toFixed(2)} GB/s`,
+      goal: `>= ${GOAL.estimatorGBs} GB/s`,
+      pass: s.length ? median(s) >= GOAL.estimatorGBs : null,
+      ...(s.length ? {} : { why: whyMissing(failures, 'files', ['pm-now']) }),
     })
   }
   const pm = res.filter((m) => m.contender === 'pm-now' || m.contender === 'pm-bg')
