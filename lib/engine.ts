@@ -195,6 +195,8 @@ export class Engine {
   /** The error that stopped background scanning, for stop() to report. */
   private failure: unknown
   private closed = false
+  /** Inside onProgress: calls that change the PageMerger are refused (BUSY). */
+  private inCallback = false
   private readonly zero: { lo: number; hi: number }
   /** Two candidate arrays: in mergeNow() the workers hash one batch while the next is processed. */
   private candidates = [0, 1].map(() => new Int32Array(new SharedArrayBuffer(4 * MERGE_NOW_BATCH)))
@@ -230,7 +232,7 @@ export class Engine {
   // ---- registration -------------------------------------------------------------------------
 
   alloc(bytes: number, domain: string): Buffer {
-    this.assertOpen()
+    this.assertOpen('alloc')
     const { engine } = this.options
     const sab = this.arena.alloc(bytes, engine === 'userspace')
     this.register(sab, domain)
@@ -238,7 +240,7 @@ export class Engine {
   }
 
   register(target: unknown, domain: string): void {
-    this.assertOpen()
+    this.assertOpen('register')
     const sab = sharedBufferOf(target)
     const id = this.arena.idOf(sab)
     if (this.byId.has(id)) return
@@ -271,6 +273,7 @@ export class Engine {
 
   /** Unmerges the buffer's pages (every page private again), then forgets it. */
   unregister(target: unknown): boolean {
+    if (this.inCallback) this.assertOpen('unregister')
     const sab = sharedBufferOf(target)
     const region = this.byId.get(this.arena.idOf(sab))
     if (!region) return false
@@ -407,14 +410,14 @@ export class Engine {
   }
 
   mergeNow(options: MergeNowOptions = {}): Promise<Stats> {
-    this.assertOpen()
+    this.assertOpen('mergeNow')
     const onProgress = progressOption(options)
     if (this.options.engine === 'kernel') return this.exclusive(() => this.awaitKsmd(onProgress))
     return this.exclusive(async () => {
       const scansBefore = this.c.fullScans
       const report = onProgress && (() => {
         const st = this.stats()
-        onProgress({ pagesScanned: this.c.inScan, pagesTotal: st.pagesTracked, fullScans: this.c.fullScans - scansBefore, pagesSharing: st.pagesSharing, zeroPages: st.zeroPages })
+        this.callback(onProgress, { pagesScanned: this.c.inScan, pagesTotal: st.pagesTracked, fullScans: this.c.fullScans - scansBefore, pagesSharing: st.pagesSharing, zeroPages: st.zeroPages })
       })
       this.cursor = { region: 0, page: 0 }
       this.endScan(false)
@@ -458,7 +461,7 @@ export class Engine {
       const fullScans = now.fullScans - start.fullScans
       if (onProgress) {
         const st = this.stats()
-        onProgress({ pagesScanned: now.pagesScanned - start.pagesScanned, pagesTotal: st.pagesTracked, fullScans, pagesSharing: st.kernelMergingPages, zeroPages: st.kernelZeroPages })
+        this.callback(onProgress, { pagesScanned: now.pagesScanned - start.pagesScanned, pagesTotal: st.pagesTracked, fullScans, pagesSharing: st.kernelMergingPages, zeroPages: st.kernelZeroPages })
       }
       if (fullScans > lastScans) {
         // Converged: a whole scan after the first few that merged nothing more in this process.
@@ -473,7 +476,7 @@ export class Engine {
 
   /** Background scanning; with engine 'kernel' ksmd scans by itself, so there is nothing to start. */
   start(): void {
-    this.assertOpen()
+    this.assertOpen('start')
     if (this.running || this.options.engine === 'kernel') return
     this.running = true
     // A stop() that was not awaited lets its loop finish first: never two loops at once.
@@ -503,6 +506,7 @@ export class Engine {
 
   /** Stops background scanning after its current batch; rejects with the error that stopped it, if one did. */
   async stop(): Promise<void> {
+    if (this.inCallback) this.assertOpen('stop')
     this.running = false
     this.wake?.()
     await this.background
@@ -923,7 +927,7 @@ export class Engine {
   }
 
   unmergeAll(): Promise<void> {
-    this.assertOpen()
+    this.assertOpen('unmergeAll')
     return this.exclusive(() => {
       for (const r of this.regions) {
         this.unmergeRegion(r)
@@ -937,6 +941,7 @@ export class Engine {
   // ---- options, stats, closing ----------------------------------------------------------------
 
   setOptions(next: ResolvedOptions): void {
+    if (this.inCallback) this.assertOpen('setOptions')
     const sharing = this.stable.live > 0
     if (sharing && next.maxPageSharing !== this.options.maxPageSharing)
       throw error(ErrorCode.BUSY, 'options.maxPageSharing cannot change while pages are shared (unmergeAll() first), like the kernel\'s EBUSY')
@@ -983,6 +988,7 @@ export class Engine {
   }
 
   async close(): Promise<void> {
+    if (this.inCallback) this.assertOpen('close')
     if (this.closed) return
     await this.stop()
     this.closed = true
@@ -993,8 +999,20 @@ export class Engine {
     })
   }
 
-  private assertOpen(): void {
+  /** Throws CLOSED after close(), and BUSY from inside onProgress, which runs in the middle of a scan. */
+  private assertOpen(method: string): void {
     if (this.closed) throw error(ErrorCode.CLOSED, 'this PageMerger was closed')
+    if (this.inCallback) throw error(ErrorCode.BUSY, `pm.${method}() cannot be called from inside mergeNow()'s onProgress, which runs in the middle of a scan`)
+  }
+
+  /** Runs a user callback; the PageMerger refuses every call that changes it meanwhile. */
+  private callback<T>(fn: (arg: T) => void, arg: T): void {
+    this.inCallback = true
+    try {
+      fn(arg)
+    } finally {
+      this.inCallback = false
+    }
   }
 }
 

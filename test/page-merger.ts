@@ -496,6 +496,32 @@ t.test('mergeNow({ onProgress }): called per batch, pages counted up to a full s
   throwsCoded(t, () => pm.mergeNow({ onProgress: 5 as unknown as () => void }), TypeError, ErrorCode.INVALID_ARG, 'onProgress not a function')
   throwsCoded(t, () => pm.mergeNow({ onProgres: () => {} } as object), TypeError, ErrorCode.UNKNOWN_OPTION, 'misspelt option')
   await t.rejects(pm.mergeNow({ onProgress: () => { throw Object.assign(new Error('from the callback'), { code: 'MINE' }) } }), { code: 'MINE' }, "a throwing callback rejects mergeNow() with its error")
+  // Inside the callback the scan is half done: calls that change the PageMerger are refused, reads work.
+  const inside: Record<string, unknown> = {}
+  await pm.mergeNow({
+    onProgress: () => {
+      if (Object.keys(inside).length) return
+      for (const [name, call] of Object.entries({
+        alloc: () => pm.alloc(PAGE),
+        register: () => pm.register(a),
+        unregister: () => pm.unregister(b),
+        setOptions: () => pm.setOptions({ pagesToScan: 5 }),
+        mergeNow: () => pm.mergeNow(),
+        unmergeAll: () => pm.unmergeAll(),
+        start: () => pm.start(),
+      }))
+        try {
+          call()
+          inside[name] = 'accepted'
+        } catch (err) {
+          inside[name] = (err as { code?: string }).code
+        }
+      inside.stats = typeof pm.stats().pagesTracked
+    },
+  })
+  t.same(inside, { alloc: ErrorCode.BUSY, register: ErrorCode.BUSY, unregister: ErrorCode.BUSY, setOptions: ErrorCode.BUSY, mergeNow: ErrorCode.BUSY, unmergeAll: ErrorCode.BUSY, start: ErrorCode.BUSY, stats: 'number' }, 're-entrant calls from onProgress: BUSY, stats() works')
+  t.equal(pm.options.pagesToScan, 100, 'nothing changed')
+  t.equal(pm.running, false)
   t.equal(digest(a), digest(b), 'bytes intact')
   await pm.close()
 })
