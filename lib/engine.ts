@@ -6,7 +6,8 @@
 import { existsSync } from 'node:fs'
 import { join } from 'node:path'
 import { Piscina } from 'piscina'
-import { error, ErrorCode, systemError, typeError } from './errors'
+import { constants as bufferConstants } from 'node:buffer'
+import { error, ErrorCode, isOptionsObject, rangeError, systemError, typeError } from './errors'
 import { loadNative, NO_POOL, PAGE_SIZE, PageState, Status, type NativeArena, type NativeBinding } from './native'
 import type { ResolvedOptions } from './options'
 import { KernelKsm, type ProcessKsm } from './kernel'
@@ -234,6 +235,8 @@ export class Engine {
   alloc(bytes: number, domain: string): Buffer {
     this.assertOpen('alloc')
     const { engine } = this.options
+    if (typeof bytes === 'number' && bytes > bufferConstants.MAX_LENGTH) // a Buffer cannot be longer: refuse before anything is allocated
+      throw rangeError(ErrorCode.OUT_OF_RANGE, `byteLength must be at most ${bufferConstants.MAX_LENGTH} (buffer.constants.MAX_LENGTH)`)
     const sab = this.arena.alloc(bytes, engine === 'userspace')
     this.register(sab, domain)
     return Buffer.from(sab, 0, bytes)
@@ -505,8 +508,12 @@ export class Engine {
   }
 
   /** Stops background scanning after its current batch; rejects with the error that stopped it, if one did. */
-  async stop(): Promise<void> {
-    if (this.inCallback) this.assertOpen('stop')
+  stop(): Promise<void> {
+    if (this.inCallback) this.assertOpen('stop') // thrown, not a rejection a synchronous callback would leave unhandled
+    return this.stopScanning()
+  }
+
+  private async stopScanning(): Promise<void> {
     this.running = false
     this.wake?.()
     await this.background
@@ -942,6 +949,8 @@ export class Engine {
 
   setOptions(next: ResolvedOptions): void {
     if (this.inCallback) this.assertOpen('setOptions')
+    if (next.engine !== this.options.engine)
+      throw error(ErrorCode.BUSY, 'options.engine is fixed when the PageMerger is made (its buffers are allocated for it)')
     const sharing = this.stable.live > 0
     if (sharing && next.maxPageSharing !== this.options.maxPageSharing)
       throw error(ErrorCode.BUSY, 'options.maxPageSharing cannot change while pages are shared (unmergeAll() first), like the kernel\'s EBUSY')
@@ -953,8 +962,6 @@ export class Engine {
       this.pool = undefined
       void this.exclusive(() => old.destroy())
     }
-    if (next.engine !== this.options.engine)
-      throw error(ErrorCode.BUSY, 'options.engine is fixed when the PageMerger is made (its buffers are allocated for it)')
     if (next.mergeAcrossDomains !== this.options.mergeAcrossDomains) this.unstable.reset(this.slotTop) // keys change
     this.options = next
   }
@@ -987,8 +994,12 @@ export class Engine {
     }
   }
 
-  async close(): Promise<void> {
+  close(): Promise<void> {
     if (this.inCallback) this.assertOpen('close')
+    return this.closeAll()
+  }
+
+  private async closeAll(): Promise<void> {
     if (this.closed) return
     await this.stop()
     this.closed = true
@@ -1018,7 +1029,7 @@ export class Engine {
 
 /** Checks mergeNow()'s options; returns its onProgress. */
 function progressOption(options: unknown): MergeNowOptions['onProgress'] {
-  if (typeof options !== 'object' || options === null) throw typeError(ErrorCode.INVALID_ARG, 'options must be an object')
+  if (!isOptionsObject(options)) throw typeError(ErrorCode.INVALID_ARG, 'options must be an object')
   for (const key of Object.keys(options))
     if (key !== 'onProgress') throw typeError(ErrorCode.UNKNOWN_OPTION, `unknown option "${key}"; the only option is "onProgress"`)
   const { onProgress } = options as MergeNowOptions

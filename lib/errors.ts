@@ -4,7 +4,7 @@
  */
 import { constants as osConstants } from 'node:os'
 
-export const ErrorCode = {
+export const ErrorCode = Object.freeze({
   /** An argument has the wrong type. */
   INVALID_ARG: 'ERR_PAGEMERGE_INVALID_ARG',
   /** A number or a page range is outside what is allowed. */
@@ -33,9 +33,18 @@ export const ErrorCode = {
   KSMD_STOPPED: 'ERR_PAGEMERGE_KSMD_STOPPED',
   /** The PageMerger was closed. */
   CLOSED: 'ERR_PAGEMERGE_CLOSED',
-} as const
+} as const)
 
 export type ErrorCodeName = (typeof ErrorCode)[keyof typeof ErrorCode]
+
+/**
+ * Whether `value` can be an options object: an object, but not an array or a collection, whose
+ * entries would otherwise be silently taken for no options at all.
+ */
+export function isOptionsObject(value: unknown): value is Record<string, unknown> {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) return false
+  return !(value instanceof Map || value instanceof Set || value instanceof WeakMap || value instanceof WeakSet)
+}
 
 /** An Error with a stable `code`. */
 export interface CodedError extends Error {

@@ -243,8 +243,8 @@ function resolveEstimateOptions(input: unknown): Resolved {
       const range = r as Partial<EstimateRange> | null
       if (typeof range !== 'object' || range === null) throw bad(`${where}[${i}]`, 'an object { address, bytes }')
       const { address, bytes } = range
-      if (typeof address === 'bigint' ? address < 0n : typeof address !== 'number' || !Number.isSafeInteger(address) || address < 0)
-        throw typeof address === 'bigint' || typeof address === 'number' ? outOfRange(`${where}[${i}].address`, 'a non-negative integer') : bad(`${where}[${i}].address`, 'a bigint or a number')
+      if (typeof address === 'bigint' ? address < 0n || address >= 1n << 64n : typeof address !== 'number' || !Number.isSafeInteger(address) || address < 0)
+        throw typeof address === 'bigint' || typeof address === 'number' ? outOfRange(`${where}[${i}].address`, 'a non-negative integer below 2^64') : bad(`${where}[${i}].address`, 'a bigint or a number')
       if (typeof bytes !== 'number') throw bad(`${where}[${i}].bytes`, 'a number')
       if (!Number.isSafeInteger(bytes) || bytes < 0) throw outOfRange(`${where}[${i}].bytes`, 'a non-negative integer')
       return { address: address as bigint | number, bytes }

@@ -5,7 +5,7 @@
  */
 import { accessSync, constants as fsConstants, readdirSync, readFileSync, statSync, writeFileSync, writeSync } from 'node:fs'
 import { join } from 'node:path'
-import { error, ErrorCode, rangeError, systemError, typeError, type CodedError } from './errors'
+import { error, ErrorCode, isOptionsObject, rangeError, systemError, typeError, type CodedError } from './errors'
 import { loadNative, type NativeBinding } from './native'
 
 /** Where the kernel keeps ksmd's knobs and counters. */
@@ -322,7 +322,7 @@ function taskCpuNs(proc: string, pid: number): number | undefined {
  * @throws RangeError (ERR_PAGEMERGE_OUT_OF_RANGE) for a value outside the kernel's range
  */
 export function validateKnobs(knobs: unknown): [KnobKey, string][] {
-  if (typeof knobs !== 'object' || knobs === null || Array.isArray(knobs)) {
+  if (!isOptionsObject(knobs)) {
     throw typeError(ErrorCode.INVALID_ARG, 'knobs must be an object')
   }
   const record = knobs as Record<string, unknown>
@@ -345,7 +345,7 @@ function checkKnob(key: KnobKey, value: unknown): string {
   const rule = KNOBS[key].rule
   const what = `knobs.${key} must be ${describeRule(rule)}`
   if (rule.kind === 'enum') {
-    if (typeof value !== typeof rule.values[0]) throw typeError(ErrorCode.INVALID_ARG, what)
+    if (typeof value !== typeof rule.values[0] || Number.isNaN(value)) throw typeError(ErrorCode.INVALID_ARG, what) // NaN: a TypeError, as for every knob
     if (!rule.values.includes(value as string | number)) throw rangeError(ErrorCode.OUT_OF_RANGE, what)
     return String(Object.is(value, -0) ? 0 : value)
   }

@@ -5,7 +5,7 @@
  */
 import { availableParallelism } from 'node:os'
 import { defaultMapBudget } from './budget'
-import { ErrorCode, rangeError, typeError } from './errors'
+import { ErrorCode, isOptionsObject, rangeError, typeError } from './errors'
 
 /** Options for a PageMerger. Every field is optional; `undefined` means the default. */
 export interface PageMergerOptions {
@@ -144,7 +144,7 @@ function merge(input: unknown, fallback: (key: Key) => unknown): ResolvedOptions
 /** Reads the own keys of `input`, rejecting non-objects and unknown keys before any value is judged. */
 function ownOptions(input: unknown): Partial<Record<Key, unknown>> {
   if (input === undefined) return {}
-  if (typeof input !== 'object' || input === null || Array.isArray(input)) {
+  if (!isOptionsObject(input)) {
     throw typeError(ErrorCode.INVALID_OPTION, 'options must be an object')
   }
   const record = input as Record<string, unknown>

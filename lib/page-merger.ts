@@ -4,7 +4,7 @@
  */
 import { Engine, type BufferStats, type MergeNowOptions, type Stats } from './engine'
 import type { KernelKsm } from './kernel'
-import { ErrorCode, typeError } from './errors'
+import { error, ErrorCode, isOptionsObject, typeError } from './errors'
 import { resolveOptions, validatePartial, type PageMergerOptions, type ResolvedOptions } from './options'
 
 /** Options of alloc() and register(). */
@@ -15,7 +15,7 @@ export interface BufferOptions {
 
 function domainOf(options: BufferOptions | undefined): string {
   if (options === undefined) return ''
-  if (typeof options !== 'object' || options === null) throw typeError(ErrorCode.INVALID_ARG, 'options must be an object')
+  if (!isOptionsObject(options)) throw typeError(ErrorCode.INVALID_ARG, 'options must be an object')
   for (const key of Object.keys(options))
     if (key !== 'domain') throw typeError(ErrorCode.UNKNOWN_OPTION, `unknown option "${key}"; the only option is "domain"`)
   const { domain = '' } = options
@@ -116,7 +116,11 @@ export class PageMerger {
 
   /** Changes options at run time, validated like sysfs writes. */
   setOptions(partial: PageMergerOptions): void {
-    this.#engine.setOptions(validatePartial(this.#engine.options, partial))
+    const current = this.#engine.options
+    const next = validatePartial(current, partial)
+    // a getter of `partial` that called setOptions() itself: merging over `current` would undo it
+    if (this.#engine.options !== current) throw error(ErrorCode.BUSY, 'setOptions() was called again while its options were being read')
+    this.#engine.setOptions(next)
   }
 
   /** Ends background scanning and the worker threads, and puts back ksmd knobs tuned through `kernel`. Buffers stay valid and readable. */

@@ -3,6 +3,10 @@
  * that tests and the benchmark hold pagemerge to.
  */
 import { readFileSync } from 'node:fs'
+import { ErrorCode, rangeError, typeError } from './errors'
+
+/** The largest pid Linux can hand out (PID_MAX_LIMIT on 64-bit). */
+const PID_MAX_LIMIT = 4194304
 
 /** Fields of /proc/self/smaps_rollup, in bytes (Rss, Pss, Pss_Anon, Pss_Shmem, Anonymous, ...). */
 export type MemoryRollup = Record<string, number> & { Rss: number; Pss: number }
@@ -16,8 +20,17 @@ function parseKb(text: string): Record<string, number> {
   return out
 }
 
-/** /proc/<pid>/smaps_rollup in bytes. */
+/**
+ * /proc/<pid>/smaps_rollup in bytes.
+ * @throws TypeError (ERR_PAGEMERGE_INVALID_ARG) unless pid is a number or 'self'; RangeError
+ *   (ERR_PAGEMERGE_OUT_OF_RANGE) for a number that is not a pid; a system error (ENOENT) for a pid
+ *   with no process
+ */
 export function smapsRollup(pid: number | 'self' = 'self'): MemoryRollup {
+  if (pid !== 'self') {
+    if (typeof pid !== 'number') throw typeError(ErrorCode.INVALID_ARG, "pid must be a number or 'self'")
+    if (!Number.isInteger(pid) || pid < 1 || pid > PID_MAX_LIMIT) throw rangeError(ErrorCode.OUT_OF_RANGE, `pid must be an integer from 1 to ${PID_MAX_LIMIT}`)
+  }
   return parseKb(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8')) as MemoryRollup
 }
 
@@ -32,6 +45,10 @@ export function meminfo(): Record<string, number> {
  * A mapping is counted whole, so give a span whose neighbours are not part of its mappings.
  */
 export function rangePss(address: bigint, length: number): number {
+  if (typeof address !== 'bigint') throw typeError(ErrorCode.INVALID_ARG, 'address must be a bigint')
+  if (address < 0n || address >= 1n << 64n) throw rangeError(ErrorCode.OUT_OF_RANGE, 'address must be from 0 to 2^64 - 1')
+  if (typeof length !== 'number') throw typeError(ErrorCode.INVALID_ARG, 'length must be a number')
+  if (!Number.isSafeInteger(length) || length < 0) throw rangeError(ErrorCode.OUT_OF_RANGE, 'length must be a non-negative integer')
   const end = address + BigInt(length)
   let inside = false
   let pss = 0
