@@ -196,6 +196,8 @@ export class Engine {
   /** The error that stopped background scanning, for stop() to report. */
   private failure: unknown
   private closed = false
+  /** The first extent of this batch that the bridge failed with an errno: thrown once the batch is done. */
+  private bridgeError: Error | undefined
   /** Inside onProgress: calls that change the PageMerger are refused (BUSY). */
   private inCallback = false
   private readonly zero: { lo: number; hi: number }
@@ -728,6 +730,9 @@ export class Engine {
     })
     this.applyZero(shards, held)
     this.applyStable(owners, shards, held)
+    const failure = this.bridgeError
+    this.bridgeError = undefined
+    if (failure) throw failure
   }
 
   private applyZero(shards: Shard[], held: Region[]): void {
@@ -744,7 +749,7 @@ export class Engine {
         k = end
       }
     })
-    this.run(ext, 4, 3, 2, (extents, status) => this.arena.dropZero(extents, status, this.options.mapBudget), (e, ok) => {
+    this.run('dropZero', ext, 4, 3, 2, (extents, status) => this.arena.dropZero(extents, status, this.options.mapBudget), (e, ok) => {
       if (!ok) return
       for (let s = e[3]!; s < e[3]! + e[2]!; s++) this.pages.flags[s] = (this.pages.flags[s]! | Flag.ZERO) & ~Flag.OWNER
       this.c.zeroPages += e[2]!
@@ -791,7 +796,7 @@ export class Engine {
     const refused = new Uint8Array(runs.length / 6) // runs the budget refused: their merges are skipped too
     const outPool = new Uint32Array(runs.length / 6)
     // A run the budget refuses costs the pages that would have merged onto it, counted below, not its own.
-    this.run(runs, 6, 4, undefined, (extents, status) => this.arena.stabilize(extents, status, this.options.mapBudget, outPool), (e, ok, n, status) => {
+    this.run('stabilize', runs, 6, 4, undefined, (extents, status) => this.arena.stabilize(extents, status, this.options.mapBudget, outPool), (e, ok, n, status) => {
       if (ok) made[n] = outPool[n]!
       if (status === Status.BUDGET) refused[n] = 1
       for (let k = 0; k < e[2]!; k++) {
@@ -864,7 +869,7 @@ export class Engine {
   private applyMerges(ext: number[]): void {
     const { planNode } = this
     const { flags, words } = this.pages
-    this.run(ext, 6, 4, 3, (extents, status) => this.arena.merge(extents, status, this.options.mapBudget), (e, ok) => {
+    this.run('merge', ext, 6, 4, 3, (extents, status) => this.arena.merge(extents, status, this.options.mapBudget), (e, ok) => {
       for (let k = 0; k < e[3]!; k++) {
         const node = planNode[e[5]! + k]!, s = e[4]! + k
         if (!ok) {
@@ -887,6 +892,7 @@ export class Engine {
    * status)` runs for every record.
    */
   private run(
+    op: 'dropZero' | 'stabilize' | 'merge',
     records: number[],
     stride: number,
     nativeStride: number,
@@ -904,6 +910,8 @@ export class Engine {
     for (let i = 0; i < n; i++) {
       for (let k = 0; k < stride; k++) record[k] = records[i * stride + k]!
       if (status[i] === Status.BUDGET && countAt !== undefined) this.c.skipped += record[countAt]!
+      // -errno: the batch is finished (its bookkeeping follows what was done), then process() throws
+      if (status[i]! < 0) this.bridgeError ??= systemError(status[i]!, op, `the bridge could not ${op === 'dropZero' ? 'drop zero pages' : op === 'stabilize' ? 'make stable pages' : 'merge pages'}; what was merged before stays merged`)
       done(record, status[i] === Status.OK, i, status[i]!)
     }
   }

@@ -220,10 +220,8 @@ t.test('RLIMIT_FSIZE lowered under a running PageMerger: merging fails with a co
   t.ok(limited, 'the child lived through it')
   t.ok(limited?.stats.pagesSharing >= merged?.stats.pagesSharing, `what was merged stays merged (${merged?.stats.pagesSharing} -> ${limited?.stats.pagesSharing})`)
   t.same([limited?.damagedFirst, limited?.damagedSecond], [[], []], 'every buffer reads its bytes, merged before or not')
-  // Marked todo (the assertion still runs, and reports "not ok # TODO" while it fails).
-  const todo = 'issue #7: mergeNow() resolves without merging when stabilize() reports -EFBIG (bridge errno statuses are dropped)'
-  if (limited?.error) t.match(limited.error, { code: 'EFBIG', errno: -27 }, `under the limit, mergeNow() rejected with ${limited.error.code} (${limited.error.syscall})`, { todo })
-  else t.ok(limited?.stats.pagesSharing > merged?.stats.pagesSharing, `under the limit, mergeNow() resolved, so it merged the new clones (pagesSharing ${merged?.stats.pagesSharing} -> ${limited?.stats.pagesSharing})`, { todo })
+  if (limited?.error) t.match(limited.error, { code: 'EFBIG', errno: -27 }, `under the limit, mergeNow() rejected with ${limited.error.code} (${limited.error.syscall})`)
+  else t.ok(limited?.stats.pagesSharing > merged?.stats.pagesSharing, `under the limit, mergeNow() resolved, so it merged the new clones (pagesSharing ${merged?.stats.pagesSharing} -> ${limited?.stats.pagesSharing})`)
   prlimit(c.proc.pid!, 'fsize', 'unlimited')
   c.send('go')
   const { lifted } = await c.next()
