@@ -11,13 +11,12 @@ const { MERGED, ZERO, TOUCHED, HASHED, CHANGED, NEW } = Flag
  * (reading one could allocate it again). */
 const skip = (f: number) => (f & MERGED) !== 0 || (f & (ZERO | TOUCHED)) === ZERO
 
-const views = new Map<SharedArrayBuffer, Uint32Array | Int32Array | Uint8Array | BigUint64Array>()
+// Weak: the arrays of a PageMerger that was closed (or that grew them) must not be kept alive here,
+// on the coordinator thread too, which hashes small batches with this module.
+const views = new WeakMap<SharedArrayBuffer, Uint32Array | Int32Array | Uint8Array | BigUint64Array>()
 function view<T extends Uint32Array | Int32Array | Uint8Array | BigUint64Array>(sab: SharedArrayBuffer, make: new (b: SharedArrayBuffer) => T): T {
   let v = views.get(sab)
-  if (!(v instanceof make)) {
-    if (views.size > 16) views.clear() // only the current arrays matter
-    views.set(sab, (v = new make(sab)))
-  }
+  if (!(v instanceof make)) views.set(sab, (v = new make(sab)))
   return v as T
 }
 
