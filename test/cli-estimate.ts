@@ -8,6 +8,7 @@ import { join, resolve } from 'node:path'
 import { createInterface } from 'node:readline'
 import type { EstimateReport } from '../lib/estimate'
 import { isRoot, MiB, PAGE } from './fixtures/util'
+import { expectUsageErrors, lines, type Run } from './fixtures/cli'
 
 const ROOT = resolve(__dirname, '..')
 const CLI = join(ROOT, 'dist/examples/cli.js')
@@ -20,11 +21,6 @@ if (!existsSync(CLI) || !existsSync(join(ROOT, 'dist/examples/commands/estimate.
   if (!existsSync(CLI)) throw new Error(`npm run build did not produce ${CLI} (exit ${build.status})`)
 }
 
-interface Run {
-  code: number | null
-  stdout: string
-  stderr: string
-}
 
 function env(): NodeJS.ProcessEnv {
   const out: NodeJS.ProcessEnv = { ...process.env }
@@ -58,7 +54,6 @@ function deadPid(): number {
   return Number(r.stdout)
 }
 
-const lines = (text: string) => text.split('\n').filter((line) => line !== '')
 const SHARED = (32 * MiB) / PAGE
 
 t.test('estimate --help: exit 0, with examples', async (t) => {
@@ -82,14 +77,7 @@ t.test('bad usage: exit 2 and one plain line on stderr', async (t) => {
     [['estimate', '--all', '--top', '1001'], /--top.*0 to 1000/],
     [['estimate', '--bogus'], /unknown option '--bogus'/],
   ]
-  for (const [args, message] of cases) {
-    const what = args.join(' ')
-    const r = await cli(args)
-    t.equal(r.code, 2, `${what}: exit 2`)
-    t.equal(r.stdout, '', `${what}: nothing on stdout`)
-    t.equal(lines(r.stderr).length, 1, `${what}: one line on stderr`)
-    t.match(r.stderr, message, `${what}: says what is wrong`)
-  }
+  await expectUsageErrors(t, cli, cases)
 })
 
 t.test('three children: the table, the JSON, the bar only on a terminal', async (t) => {

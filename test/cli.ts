@@ -5,6 +5,7 @@ import { execFile, spawn, spawnSync } from 'node:child_process'
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
+import { expectUsageErrors, lines, type Run } from './fixtures/cli'
 
 const ROOT = resolve(__dirname, '..')
 const CLI = join(ROOT, 'dist/examples/cli.js')
@@ -28,11 +29,6 @@ function env(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
   return out
 }
 
-interface Run {
-  code: number | null
-  stdout: string
-  stderr: string
-}
 
 /** Runs the CLI with `args` to completion. */
 function cli(args: string[], extraEnv: Record<string, string> = {}): Promise<Run> {
@@ -56,7 +52,6 @@ function onTerminal(args: string[], extraEnv: Record<string, string> = {}): Run 
   return { code: r.status, stdout: r.stdout, stderr: r.stderr }
 }
 
-const lines = (text: string) => text.split('\n').filter((line) => line !== '')
 
 t.test('--version prints the version of package.json', async (t) => {
   const { version } = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8'))
@@ -95,16 +90,7 @@ t.test('bad usage: exit 2 and one plain line on stderr', async (t) => {
     [['kernel', 'frob'], /unknown command 'frob'.*pagemerge kernel --help/],
     [['kernel', 'watch', '--interval', '0'], /--interval.*invalid/],
   ]
-  for (const [args, message] of cases) {
-    const what = args.join(' ')
-    const r = await cli(args)
-    t.equal(r.code, 2, `${what}: exit 2`)
-    t.equal(r.stdout, '', `${what}: nothing on stdout`)
-    t.equal(lines(r.stderr).length, 1, `${what}: one line on stderr`)
-    t.match(r.stderr, /^pagemerge: /, `${what}: names the program`)
-    t.match(r.stderr, message, `${what}: says what is wrong`)
-    t.notOk(r.stderr.includes(ESC), `${what}: plain text`)
-  }
+  await expectUsageErrors(t, cli, cases)
   const bare = await cli([])
   t.equal(bare.code, 2, 'no command: exit 2')
   t.match(bare.stderr, /^Usage: pagemerge/, 'no command: usage on stderr')
