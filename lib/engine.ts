@@ -567,8 +567,14 @@ export class Engine {
       if (this.cursor.region >= this.regions.length) break
       const r = this.regions[this.cursor.region]!
       const buffer = r.ref.deref()
+      if (!buffer) {
+        // collected before its FinalizationRegistry callback ran (V8 does not promise it ever will)
+        this.finalizer.unregister(r)
+        this.drop(r) // the cursor stays where it is: on the region that followed
+        continue
+      }
       const count = Math.min(max - b.pages, r.pages - this.cursor.page)
-      if (buffer && count > 0) {
+      if (count > 0) {
         const mix = this.mixOf(r)
         b.shards.push({ address: this.native.addressOf(buffer), firstPage: this.cursor.page, count, slot: r.slot + this.cursor.page, batchIndex: b.pages, mixLo: mix.lo, mixHi: mix.hi })
         b.held.push(r)
@@ -576,7 +582,7 @@ export class Engine {
         b.pages += count
       }
       this.cursor.page += count
-      if (!buffer || this.cursor.page >= r.pages) this.cursor = { region: this.cursor.region + 1, page: 0 }
+      if (this.cursor.page >= r.pages) this.cursor = { region: this.cursor.region + 1, page: 0 }
     }
     if (this.cursor.region >= this.regions.length) {
       this.cursor = { region: 0, page: 0 }
