@@ -30,6 +30,7 @@ import type { Stats } from '../lib/engine'
 import { integerOption, ksmStat, machine, machineLine, median, MiB, printGrid, printTable, progressLine, type Row } from './common'
 import type { ChildMessage, ChildResult, ContenderKind, ParentMessage, Spec } from './contender'
 import { lineChart, type ChartSeries } from './svg'
+import { estimatorBench, estimatorLines, type EstimatorMeasured } from './estimator'
 import { defaultFilesRoot, filesPagesBytes, WORKLOAD_NAMES, type Ideal, type WorkloadName } from './workloads'
 
 // ---- what is measured against what ----
@@ -46,6 +47,8 @@ const GOAL = {
   metaPerDoubling: 1.1, // --scale: metadata bytes per page stay flat
   estimatorGBs: 2, // files: the estimator reads and hashes target memory at >= 2 GB/s (issue #6)
 }
+/** Issue #6's own case for the estimator: processes x MiB each, estimated over their buffers ESTIMATOR_RUNS times (bench/estimator.ts). */
+const ESTIMATOR = { processes: 4, mib: 256, runs: 3 }
 const POLL_MS = 10 // Pss samples for the chart, and ksmd's counters
 const READY_TIMEOUT_MS = 600_000 // filling 4 GiB on a busy machine
 const RUN_TIMEOUT_MS = { tuned: 120_000, background: 300_000 }
@@ -68,6 +71,8 @@ const CONTENDERS: Record<ContenderId, { label: string; kind: ContenderKind; ksmd
 
 interface Options {
   only: WorkloadName[]
+  /** Run the estimator on its own case (4 x 256 MiB): with --only files or estimate, and by default. */
+  estimator: boolean
   sizeMiB: number
   backgroundSizeMiB: number
   runs: number
@@ -83,7 +88,8 @@ interface Options {
 
 const USAGE = `usage: npm run bench -- [options]
 
-  --only LIST             workloads, comma-separated (${WORKLOAD_NAMES.join(',')}); default all
+  --only LIST             workloads, comma-separated (${WORKLOAD_NAMES.join(',')}), and estimate
+                          (the estimator over ${ESTIMATOR.processes} processes of ${ESTIMATOR.mib} MiB, also run with files); default all
   --size MiB              each workload's size for mergeNow, ksmd tuned and the limit (1024; a multiple of 64)
   --background-size MiB   size for pagemerge background and ksmd at its defaults (128; a multiple of 64)
   --runs N                run everything N times; tables show medians and [min..max] (1)
@@ -124,14 +130,16 @@ function options(): Options {
     if (mib % 64) throw new RangeError(`--${name} must be a multiple of 64 (MiB): every 32 MiB clones blob is in two buffers`)
     return mib
   }
-  const only = values.only === undefined ? [...WORKLOAD_NAMES] : values.only.split(',').map((s) => s.trim())
-  for (const w of only) if (!(WORKLOAD_NAMES as readonly string[]).includes(w)) throw new RangeError(`--only: unknown workload "${w}"; the workloads are ${WORKLOAD_NAMES.join(', ')}`)
+  const listed = values.only === undefined ? [...WORKLOAD_NAMES] : values.only.split(',').map((s) => s.trim())
+  const only = listed.filter((w) => w !== 'estimate')
+  for (const w of only) if (!(WORKLOAD_NAMES as readonly string[]).includes(w)) throw new RangeError(`--only: unknown workload "${w}"; the workloads are ${WORKLOAD_NAMES.join(', ')}, and estimate`)
   const contenders = values.contenders === undefined ? (Object.keys(CONTENDERS) as ContenderId[]) : values.contenders.split(',').map((s) => s.trim())
   for (const c of contenders) if (!Object.hasOwn(CONTENDERS, c)) throw new RangeError(`--contenders: unknown contender "${c}"; the contenders are ${Object.keys(CONTENDERS).join(', ')}`)
   return {
     contenders: contenders as ContenderId[],
     outDir: resolve(values.out ?? join(__dirname, '..', '..', 'bench', 'results')),
     only: only as WorkloadName[],
+    estimator: !values.scale && (listed.includes('estimate') || listed.includes('files')),
     sizeMiB: size('size', values.size, quick ? 64 : 1024),
     backgroundSizeMiB: size('background-size', values['background-size'], quick ? 64 : 128),
     runs: integerOption('runs', values.runs, 1, 50),
@@ -537,7 +545,7 @@ function whyMissing(failures: Failure[], w: WorkloadName, cs: ContenderId[]): st
   return `${CONTENDERS[f.contender].label} ${f.skipped ? `skipped: ${f.skipped}` : `failed: ${f.error?.split('\n')[0]}`}`
 }
 
-function goals(res: Results, failures: Failure[], opts: Options): Goal[] {
+function goals(res: Results, failures: Failure[], opts: Options, est: EstimatorMeasured | { error: string } | undefined): Goal[] {
   const out: Goal[] = []
   const runs = opts.runs
   const has = (w: WorkloadName) => opts.only.includes(w)
@@ -593,6 +601,19 @@ function goals(res: Results, failures: Failure[], opts: Options): Goal[] {
       goal: `>= ${GOAL.estimatorGBs} GB/s`,
       pass: s.length ? median(s) >= GOAL.estimatorGBs : null,
       ...(s.length ? {} : { why: whyMissing(failures, 'files', ['pm-now']) }),
+    })
+  }
+  if (opts.estimator) {
+    // issue #6's own case: four processes of 256 MiB in under 0.5 s
+    const s = est && 'ranges' in est ? est.ranges.map((r) => r.gbs) : []
+    out.push({
+      name: `estimator: ${ESTIMATOR.processes} processes x ${ESTIMATOR.mib} MiB, target memory read, hashed and confirmed per second`,
+      value: median(s),
+      samples: s,
+      unit: (v) => `${v.toFixed(2)} GB/s`,
+      goal: `>= ${GOAL.estimatorGBs} GB/s`,
+      pass: s.length ? median(s) >= GOAL.estimatorGBs : null,
+      ...(s.length ? {} : { why: est && 'error' in est ? `failed: ${est.error}` : 'not run' }),
     })
   }
   const pm = res.filter((m) => m.contender === 'pm-now' || m.contender === 'pm-bg')
@@ -781,9 +802,20 @@ async function main(): Promise<void> {
   } finally {
     restoreKnobs()
   }
+  let est: EstimatorMeasured | { error: string } | undefined
+  if (opts.estimator) {
+    progress.log(`bench estimator: ${ESTIMATOR.processes} processes x ${ESTIMATOR.mib} MiB, ${ESTIMATOR.runs} estimates of their buffers and one of the whole processes`)
+    try {
+      est = await estimatorBench(ESTIMATOR.processes, ESTIMATOR.mib, ESTIMATOR.runs)
+      for (const line of estimatorLines(est)) progress.log(`bench estimator: ${line}`)
+    } catch (err) {
+      est = { error: (err as Error).message }
+      progress.log(`bench estimator: FAILED: ${est.error}`)
+    }
+  }
   progress.clear()
   const seconds = Number(process.hrtime.bigint() - t0) / 1e9
-  const gs = opts.scale ? scaleGoals(res, failures, opts) : goals(res, failures, opts)
+  const gs = opts.scale ? scaleGoals(res, failures, opts) : goals(res, failures, opts, est)
   const summary = summaryLine(gs, seconds, loadBefore, res.filter((m) => m.ksmd?.disturbed).length)
   const knobsAfter = kernel.status().knobs
   const knobsDiffer = (['run', 'pagesToScan', 'sleepMillisecs', 'advisorMode'] as const).some((k) => knobsBefore[k] !== knobsAfter[k])
@@ -806,6 +838,8 @@ async function main(): Promise<void> {
       changedElsewhere: restoreErrors.length === 0 && knobsDiffer,
     },
     estimator: 'files: estimatedFreedPages of the pagemerge mergeNow() rows, read from the child before it merged',
+    /** The estimator on issue #6's case (bench/estimator.ts); wall time around each estimate() call, CPU of every thread of the bench. */
+    estimatorProcesses: est ?? null,
     goals: gs.map((g) => ({ name: g.name, value: g.value, samples: g.samples, goal: g.goal, pass: g.pass, ...(g.why ? { why: g.why } : {}) })),
     summary,
     results: res,
@@ -823,11 +857,15 @@ async function main(): Promise<void> {
     return
   }
   const out = (line: string) => console.log(line)
-  out(`pagemerge bench: ${opts.scale ? `clones at ${SCALE_SIZES_MIB.map((m) => mibs(m * MiB)).join(', ')}` : `${opts.only.join(', ')} at ${mibs(opts.sizeMiB * MiB)}${opts.background ? `, background at ${mibs(opts.backgroundSizeMiB * MiB)}` : ''}`}; ${opts.runs} run${opts.runs > 1 ? 's, medians [min..max]' : ''}`)
+  out(`pagemerge bench: ${opts.scale ? `clones at ${SCALE_SIZES_MIB.map((m) => mibs(m * MiB)).join(', ')}` : `${[...opts.only, ...(opts.estimator ? ['estimate'] : [])].join(', ')} at ${mibs(opts.sizeMiB * MiB)}${opts.background ? `, background at ${mibs(opts.backgroundSizeMiB * MiB)}` : ''}`}; ${opts.runs} run${opts.runs > 1 ? 's, medians [min..max]' : ''}`)
   out(mcLine)
   out(`ksmd: ${ksmdSkip ? `skipped: ${ksmdSkip}` : `use_zero_pages=${knobsBefore.useZeroPages ?? '?'}, smart_scan=${knobsBefore.smartScan ?? '?'}, max_page_sharing=${knobsBefore.maxPageSharing ?? '?'}; knobs ${json.ksmd.restored ? 'restored' : `NOT restored (${restoreErrors.join('; ')})`}, now run=${knobsAfter.run}, pages_to_scan=${knobsAfter.pagesToScan}, sleep_millisecs=${knobsAfter.sleepMillisecs}${json.ksmd.changedElsewhere ? ` (before the bench: run=${knobsBefore.run}, pages_to_scan=${knobsBefore.pagesToScan}, sleep_millisecs=${knobsBefore.sleepMillisecs}: another process tuned ksmd meanwhile)` : ''}`}`)
   out(`command: ${command}`)
   tables(res, failures, opts, out)
+  if (est) {
+    out(`\nestimator: ${ESTIMATOR.processes} processes x ${ESTIMATOR.mib} MiB (half the pages the same in all, an eighth zero, the rest unique; bench/estimate-child.ts)`)
+    for (const line of 'error' in est ? [`FAILED: ${est.error}`] : estimatorLines(est)) out(`  ${line}`)
+  }
   out('')
   const rows: Row[] = gs.map((g) => ({ name: g.name, value: Number.isFinite(g.value) ? g.unit(g.value) : '-', samples: g.samples.map(g.unit).join('  '), goal: g.goal, pass: g.pass === null ? (g.goal ? 'not measured' : undefined) : g.pass }))
   printTable(rows)
