@@ -466,6 +466,20 @@ const COMPARE_REFS = 4096
 const COMPARE_MEMBERS = 4096
 /** Rounds of confirmation for groups whose reference page changed under us. */
 const CONFIRM_ROUNDS = 3
+/** How long an idle worker of the shared pool waits for the next estimate before it exits, ms. */
+const POOL_IDLE_MS = 5000
+
+/**
+ * The worker pools, one per thread count, kept between estimate() calls: starting threads and
+ * loading the addon in each cost 60-90 ms a call. Threads start on demand and leave after
+ * POOL_IDLE_MS idle; piscina unrefs idle threads, so a pool never keeps the process alive.
+ */
+const pools = new Map<number, Piscina>()
+function sharedPool(workers: number): Piscina {
+  let pool = pools.get(workers)
+  if (!pool) pools.set(workers, (pool = new Piscina({ filename: WORKER_FILE, minThreads: 0, maxThreads: workers, idleTimeout: POOL_IDLE_MS })))
+  return pool
+}
 
 // ---- counting -----------------------------------------------------------------------------------
 
@@ -626,267 +640,263 @@ export async function estimate(options: EstimateOptions): Promise<EstimateReport
     }
   }
   let bytesRead = 0
-  const pool = tasks.length > 0 ? new Piscina({ filename: WORKER_FILE, minThreads: Math.min(o.workers, tasks.length), maxThreads: o.workers, idleTimeout: 1000 }) : undefined
-  try {
-    // ---- pass 1: read and hash ---------------------------------------------------------------
-    const phases = { setup: 0, reading: 0, grouping: 0, confirming: 0 }
-    let mark = performance.now()
-    const lap = (phase: keyof typeof phases) => {
-      const now = performance.now()
-      phases[phase] = Math.round((now - mark) * 10) / 10
-      mark = now
-    }
-    phases.setup = Math.round((mark - started) * 10) / 10
-    const totalBytes = tasks.reduce((s, t) => s + t.pages * PAGE_SIZE, 0)
-    let doneBytes = 0
-    o.onProgress?.({ phase: 'reading', done: 0, total: totalBytes })
-    const results = await Promise.all(
-      tasks.map(async (t) => {
-        const r: EstimateHashResult = t.proc.exited
-          ? { hashes: new BigUint64Array(0), pages: new Float64Array(0), unread: 0, swapped: 0, zeroMapped: 0, errno: osConstants.errno.ESRCH, syscall: 'process_vm_readv' }
-          : await pool!.run({ kind: 'hash', pid: t.proc.pid, ranges: Float64Array.from(t.ranges) } satisfies EstimateHashTask)
-        if (r.errno === osConstants.errno.ESRCH) t.proc.exited = true
-        doneBytes += t.pages * PAGE_SIZE
-        o.onProgress?.({ phase: 'reading', done: doneBytes, total: totalBytes })
-        return r
-      }),
-    )
-    results.forEach((r, i) => {
-      const proc = tasks[i]!.proc
-      proc.chunks.push(r)
-      proc.unread += r.unread
-      proc.swapped += r.swapped
-      proc.zeroMapped += r.zeroMapped
-      proc.readPages += r.hashes.length
-      if (r.errno && !proc.readErrno) {
-        proc.readErrno = r.errno
-        proc.readSyscall = r.syscall
-      }
-    })
-
-    lap('reading')
-    // All pages in one set of typed arrays, process by process in address order.
-    const n = procs.reduce((s, p) => s + p.readPages, 0)
-    bytesRead += n * PAGE_SIZE
-    const pg: Pages = { n, hashes: new BigUint64Array(n), words: new Uint32Array(0), page: new Float64Array(n), proc: new Uint32Array(n) }
-    pg.words = new Uint32Array(pg.hashes.buffer)
-    let at = 0
-    procs.forEach((p, pi) => {
-      for (const c of p.chunks) {
-        pg.hashes.set(c.hashes, at)
-        pg.page.set(c.pages, at)
-        pg.proc.fill(pi, at, at + c.hashes.length)
-        at += c.hashes.length
-      }
-      p.chunks = []
-    })
-
-    // Keys: hash XOR the domain's words; zero pages keep the bare hash when they count in full.
-    const zero = native.ZERO_PAGE_HASH
-    const zeroLo = Number(zero & 0xffffffffn), zeroHi = Number(zero >> 32n)
-    const isZeroHash = (i: number) => pg.words[2 * i] === zeroLo && pg.words[2 * i + 1] === zeroHi
-    let keys = pg.words
-    if (domainIndex.size > 1) {
-      keys = new Uint32Array(pg.words)
-      const mixes = procs.map((p) => domainWords(p.domainIndex))
-      for (let i = 0; i < n; i++) {
-        if (o.includeZero && isZeroHash(i)) continue
-        const [lo, hi] = mixes[pg.proc[i]!]!
-        keys[2 * i] = (keys[2 * i]! ^ lo) >>> 0
-        keys[2 * i + 1] = (keys[2 * i + 1]! ^ hi) >>> 0
-      }
-    }
-    const groupOf = new Int32Array(n)
-    const { groups, zero: groupZero } = groupKeys(keys, n, o.includeZero ? [zeroLo, zeroHi] : undefined, groupOf)
-
-    lap('grouping')
-    // ---- pass 2: confirm byte for byte ---------------------------------------------------------
-    const outcome = new Uint8Array(n)
-    const subOf = new Int32Array(n).fill(-1) // confirmed pages: their subgroup (one ref's confirmed set)
-    let subgroups = 0
-    let collisions = 0
-    let pending = groupOf // pages still to confirm: their group, or -1
-    let candidates = 0
-    for (let i = 0; i < n; i++) if (groupOf[i]! >= 0) candidates++
-    let confirmedSoFar = 0
-    o.onProgress?.({ phase: 'confirming', done: 0, total: candidates })
-    for (let round = 0; round < CONFIRM_ROUNDS && pool; round++) {
-      // The reference of each non-zero group: its first pending page.
-      const refOf = new Int32Array(groups).fill(-1)
-      for (let i = 0; i < n; i++) {
-        const g = pending[i]!
-        if (g >= 0 && !groupZero[g] && refOf[g] === -1) refOf[g] = i
-      }
-      const subOfGroup = new Int32Array(groups).fill(-1)
-      // Each task goes to the workers as soon as it is built, so they compare while the rest is built.
-      const running: Promise<EstimateCompareResult>[] = []
-      const chunks = compareChunks(pg, procs, pending, refOf, groupZero, (c) =>
-        running.push(
-          pool.run({ kind: 'compare', refs: c.refs, members: c.members } satisfies EstimateCompareTask).then((r: EstimateCompareResult) => {
-            confirmedSoFar += c.memberIndex.length
-            o.onProgress?.({ phase: 'confirming', done: Math.min(confirmedSoFar, candidates), total: candidates })
-            return r
-          }),
-        ),
-      )
-      const replies = await Promise.all(running)
-      if (chunks.length === 0) break
-      const next = new Int32Array(n).fill(-1)
-      const refBad = new Uint8Array(groups) // a read of the ref showed it changed, or failed
-      const refGood = new Uint8Array(groups)
-      const refLost = new Uint8Array(groups)
-      // What each read of a reference says: unchanged (good), or changed or unreadable (bad).
-      chunks.forEach((c, ci) => {
-        const r = replies[ci]!
-        bytesRead += (c.refIndex.length + c.memberIndex.length) * PAGE_SIZE
-        c.refIndex.forEach((ri, s) => {
-          if (ri < 0) return // zeros
-          const g = pending[ri]!
-          const ok = r.status[s] === 0 && r.hashes[s] === pg.hashes[ri]
-          if (ok) refGood[g] = 1
-          else refBad[g] = 1
-          if (r.status[s]! < 0) refLost[g] = 1
-          if (r.status[s] === -osConstants.errno.ESRCH) procs[pg.proc[ri]!]!.exited = true
-        })
-      })
-      const settle = (i: number, g: number, what: number) => {
-        outcome[i] = what
-        if (what === Outcome.CONFIRMED) {
-          if (subOfGroup[g] === -1) subOfGroup[g] = subgroups++
-          subOf[i] = subOfGroup[g]!
-        }
-      }
-      chunks.forEach((c, ci) => {
-        const r = replies[ci]!
-        const nr = c.refIndex.length
-        c.memberIndex.forEach((i, m) => {
-          const g = pending[i]!
-          const st = r.status[nr + m]!, now = r.hashes[nr + m]!
-          if (st < 0) {
-            if (st === -osConstants.errno.ESRCH) procs[pg.proc[i]!]!.exited = true
-            outcome[i] = Outcome.LOST
-          } else if (now !== pg.hashes[i]) outcome[i] = Outcome.VOLATILE
-          else if (groupZero[g] ? st === 0 : st === 0 && !refBad[g] && refGood[g]) settle(i, g, Outcome.CONFIRMED)
-          else if (st === 1 && (groupZero[g] || !refBad[g])) {
-            outcome[i] = Outcome.COLLISION
-            collisions++
-          } else next[i] = g // compared with a reference that changed: try again with another one
-        })
-      })
-      // The references: confirmed with their group if every read of them was unchanged.
-      for (let g = 0; g < groups; g++) {
-        const ri = refOf[g]!
-        if (ri < 0) continue
-        if (refGood[g] && !refBad[g]) {
-          if (subOfGroup[g]! >= 0) settle(ri, g, Outcome.CONFIRMED) // alone, a reference frees nothing
-        } else if (refGood[g] || refBad[g]) outcome[ri] = refLost[g] ? Outcome.LOST : Outcome.VOLATILE
-      }
-      pending = next
-    }
-    for (let i = 0; i < n; i++) if (pending[i]! >= 0 && outcome[i] === Outcome.NONE) outcome[i] = Outcome.VOLATILE
-
-    lap('confirming')
-    // A process gone by now took its memory with it: its pages leave the totals.
-    for (const p of procs) if (!p.status && !p.exited && p.readPages > 0 && goneNow(p.pid)) p.exited = true
-
-    // ---- count -------------------------------------------------------------------------------
-    const counts = procs.map(emptyCounts)
-    procs.forEach((p, pi) => (counts[pi]!.pagesScanned = p.readPages))
-    const live = (i: number) => !procs[pg.proc[i]!]!.exited
-    const subFirstProc = new Int32Array(subgroups).fill(-1)
-    const subKept = new Int32Array(subgroups).fill(-1)
-    const subSize = new Uint32Array(subgroups)
-    const subMulti = new Uint8Array(subgroups)
-    const subZero = new Uint8Array(subgroups)
-    for (let i = 0; i < n; i++) {
-      const c = counts[pg.proc[i]!]!
-      if (outcome[i] === Outcome.VOLATILE) c.volatilePages++
-      if (outcome[i] !== Outcome.CONFIRMED) continue
-      if (isZeroHash(i)) c.zeroPages++
-      const s = subOf[i]!
-      if (groupZero[groupOf[i]!]) subZero[s] = 1
-      if (!live(i)) continue
-      subSize[s]!++
-      if (subKept[s] === -1) subKept[s] = i
-      if (subFirstProc[s] === -1) subFirstProc[s] = pg.proc[i]!
-      else if (subFirstProc[s] !== pg.proc[i]) subMulti[s] = 1
-    }
-    let duplicateGroups = 0
-    for (let s = 0; s < subgroups; s++) if (!subZero[s] && subSize[s]! >= 2) duplicateGroups++
-    for (let i = 0; i < n; i++) {
-      if (outcome[i] !== Outcome.CONFIRMED || !live(i)) continue
-      const s = subOf[i]!
-      if (subZero[s] || subKept[s] === i) continue
-      const c = counts[pg.proc[i]!]!
-      c.duplicatePages++
-      if (subMulti[s]) c.crossProcessDuplicatePages++
-      else c.withinProcessDuplicatePages++
-    }
-
-    const processes: ProcessEstimate[] = procs.map((p, pi) => {
-      const c = counts[pi]!
-      let status: ProcessStatus = p.status ?? 'ok'
-      let error = p.error
-      if (!p.status) {
-        if (p.exited) {
-          status = 'exited'
-          error = failure('exited', 'ESRCH', 'process_vm_readv', `the process exited during the scan, after ${p.readPages} pages were read; its memory is gone and is left out of the totals`).error
-        } else if (p.readErrno && (p.readErrno === osConstants.errno.EPERM || p.readErrno === osConstants.errno.EACCES) && p.readPages === 0) {
-          const code = errnoName(p.readErrno)
-          ;({ status, error } = failure('denied', code, p.readSyscall, `cannot read the memory of process ${p.pid}`, deniedHint(p.pid)))
-        } else if (p.readErrno || p.unread > 0) {
-          const code = errnoName(p.readErrno || osConstants.errno.EFAULT)
-          ;({ status, error } = failure('partial', code, p.readSyscall || 'process_vm_readv', `${p.unread} resident pages could not be read (mappings that vanished or shrank while being read)`))
-        }
-      }
-      const read = status === 'ok' || status === 'partial'
-      if (!read) Object.assign(c, emptyCounts(), { pagesScanned: p.readPages })
-      c.bytesFreeable = (c.duplicatePages + (o.includeZero ? c.zeroPages : 0)) * PAGE_SIZE
-      return {
-        pid: p.pid,
-        name: p.name,
-        command: p.command,
-        status,
-        ...(error ? { error } : {}),
-        ...(p.note ? { note: p.note } : {}),
-        domain: p.domain,
-        mappings: p.ranges.length / 2,
-        bytesMapped: p.bytesMapped,
-        ...c,
-        pagesUnread: p.unread,
-        pagesSwapped: p.swapped,
-        pagesZeroMapped: p.zeroMapped,
-      }
-    })
-
-    const total: EstimateTotal = {
-      ...emptyCounts(),
-      duplicateGroups,
-      hashCollisions: collisions,
-      pagesUnread: 0,
-      pagesSwapped: 0,
-      pagesZeroMapped: 0,
-      processesRead: 0,
-      processesNotRead: 0,
-      bytesRead,
-      elapsedMs: 0,
-      phasesMs: phases,
-    }
-    for (const p of processes) {
-      const read = p.status === 'ok' || p.status === 'partial'
-      if (read) total.processesRead++
-      else total.processesNotRead++
-      if (!read) continue
-      for (const k of ['pagesScanned', 'zeroPages', 'duplicatePages', 'withinProcessDuplicatePages', 'crossProcessDuplicatePages', 'volatilePages', 'bytesFreeable', 'pagesUnread', 'pagesSwapped', 'pagesZeroMapped'] as const)
-        total[k] += p[k]
-    }
-
-    const top = topContents(pg, procs, outcome, subOf, subSize, subZero, subgroups, o.top, live)
-    total.elapsedMs = Math.round((performance.now() - started) * 10) / 10
-    return { pageSize: PAGE_SIZE, includeZero: o.includeZero, processes, total, top }
-  } finally {
-    await pool?.destroy()
+  const pool = tasks.length > 0 ? sharedPool(o.workers) : undefined
+  // ---- pass 1: read and hash ---------------------------------------------------------------
+  const phases = { setup: 0, reading: 0, grouping: 0, confirming: 0 }
+  let mark = performance.now()
+  const lap = (phase: keyof typeof phases) => {
+    const now = performance.now()
+    phases[phase] = Math.round((now - mark) * 10) / 10
+    mark = now
   }
+  phases.setup = Math.round((mark - started) * 10) / 10
+  const totalBytes = tasks.reduce((s, t) => s + t.pages * PAGE_SIZE, 0)
+  let doneBytes = 0
+  o.onProgress?.({ phase: 'reading', done: 0, total: totalBytes })
+  const results = await Promise.all(
+    tasks.map(async (t) => {
+      const r: EstimateHashResult = t.proc.exited
+        ? { hashes: new BigUint64Array(0), pages: new Float64Array(0), unread: 0, swapped: 0, zeroMapped: 0, errno: osConstants.errno.ESRCH, syscall: 'process_vm_readv' }
+        : await pool!.run({ kind: 'hash', pid: t.proc.pid, ranges: Float64Array.from(t.ranges) } satisfies EstimateHashTask)
+      if (r.errno === osConstants.errno.ESRCH) t.proc.exited = true
+      doneBytes += t.pages * PAGE_SIZE
+      o.onProgress?.({ phase: 'reading', done: doneBytes, total: totalBytes })
+      return r
+    }),
+  )
+  results.forEach((r, i) => {
+    const proc = tasks[i]!.proc
+    proc.chunks.push(r)
+    proc.unread += r.unread
+    proc.swapped += r.swapped
+    proc.zeroMapped += r.zeroMapped
+    proc.readPages += r.hashes.length
+    if (r.errno && !proc.readErrno) {
+      proc.readErrno = r.errno
+      proc.readSyscall = r.syscall
+    }
+  })
+
+  lap('reading')
+  // All pages in one set of typed arrays, process by process in address order.
+  const n = procs.reduce((s, p) => s + p.readPages, 0)
+  bytesRead += n * PAGE_SIZE
+  const pg: Pages = { n, hashes: new BigUint64Array(n), words: new Uint32Array(0), page: new Float64Array(n), proc: new Uint32Array(n) }
+  pg.words = new Uint32Array(pg.hashes.buffer)
+  let at = 0
+  procs.forEach((p, pi) => {
+    for (const c of p.chunks) {
+      pg.hashes.set(c.hashes, at)
+      pg.page.set(c.pages, at)
+      pg.proc.fill(pi, at, at + c.hashes.length)
+      at += c.hashes.length
+    }
+    p.chunks = []
+  })
+
+  // Keys: hash XOR the domain's words; zero pages keep the bare hash when they count in full.
+  const zero = native.ZERO_PAGE_HASH
+  const zeroLo = Number(zero & 0xffffffffn), zeroHi = Number(zero >> 32n)
+  const isZeroHash = (i: number) => pg.words[2 * i] === zeroLo && pg.words[2 * i + 1] === zeroHi
+  let keys = pg.words
+  if (domainIndex.size > 1) {
+    keys = new Uint32Array(pg.words)
+    const mixes = procs.map((p) => domainWords(p.domainIndex))
+    for (let i = 0; i < n; i++) {
+      if (o.includeZero && isZeroHash(i)) continue
+      const [lo, hi] = mixes[pg.proc[i]!]!
+      keys[2 * i] = (keys[2 * i]! ^ lo) >>> 0
+      keys[2 * i + 1] = (keys[2 * i + 1]! ^ hi) >>> 0
+    }
+  }
+  const groupOf = new Int32Array(n)
+  const { groups, zero: groupZero } = groupKeys(keys, n, o.includeZero ? [zeroLo, zeroHi] : undefined, groupOf)
+
+  lap('grouping')
+  // ---- pass 2: confirm byte for byte ---------------------------------------------------------
+  const outcome = new Uint8Array(n)
+  const subOf = new Int32Array(n).fill(-1) // confirmed pages: their subgroup (one ref's confirmed set)
+  let subgroups = 0
+  let collisions = 0
+  let pending = groupOf // pages still to confirm: their group, or -1
+  let candidates = 0
+  for (let i = 0; i < n; i++) if (groupOf[i]! >= 0) candidates++
+  let confirmedSoFar = 0
+  o.onProgress?.({ phase: 'confirming', done: 0, total: candidates })
+  for (let round = 0; round < CONFIRM_ROUNDS && pool; round++) {
+    // The reference of each non-zero group: its first pending page.
+    const refOf = new Int32Array(groups).fill(-1)
+    for (let i = 0; i < n; i++) {
+      const g = pending[i]!
+      if (g >= 0 && !groupZero[g] && refOf[g] === -1) refOf[g] = i
+    }
+    const subOfGroup = new Int32Array(groups).fill(-1)
+    // Each task goes to the workers as soon as it is built, so they compare while the rest is built.
+    const running: Promise<EstimateCompareResult>[] = []
+    const chunks = compareChunks(pg, procs, pending, refOf, groupZero, (c) =>
+      running.push(
+        pool.run({ kind: 'compare', refs: c.refs, members: c.members } satisfies EstimateCompareTask).then((r: EstimateCompareResult) => {
+          confirmedSoFar += c.memberIndex.length
+          o.onProgress?.({ phase: 'confirming', done: Math.min(confirmedSoFar, candidates), total: candidates })
+          return r
+        }),
+      ),
+    )
+    const replies = await Promise.all(running)
+    if (chunks.length === 0) break
+    const next = new Int32Array(n).fill(-1)
+    const refBad = new Uint8Array(groups) // a read of the ref showed it changed, or failed
+    const refGood = new Uint8Array(groups)
+    const refLost = new Uint8Array(groups)
+    // What each read of a reference says: unchanged (good), or changed or unreadable (bad).
+    chunks.forEach((c, ci) => {
+      const r = replies[ci]!
+      bytesRead += (c.refIndex.length + c.memberIndex.length) * PAGE_SIZE
+      c.refIndex.forEach((ri, s) => {
+        if (ri < 0) return // zeros
+        const g = pending[ri]!
+        const ok = r.status[s] === 0 && r.hashes[s] === pg.hashes[ri]
+        if (ok) refGood[g] = 1
+        else refBad[g] = 1
+        if (r.status[s]! < 0) refLost[g] = 1
+        if (r.status[s] === -osConstants.errno.ESRCH) procs[pg.proc[ri]!]!.exited = true
+      })
+    })
+    const settle = (i: number, g: number, what: number) => {
+      outcome[i] = what
+      if (what === Outcome.CONFIRMED) {
+        if (subOfGroup[g] === -1) subOfGroup[g] = subgroups++
+        subOf[i] = subOfGroup[g]!
+      }
+    }
+    chunks.forEach((c, ci) => {
+      const r = replies[ci]!
+      const nr = c.refIndex.length
+      c.memberIndex.forEach((i, m) => {
+        const g = pending[i]!
+        const st = r.status[nr + m]!, now = r.hashes[nr + m]!
+        if (st < 0) {
+          if (st === -osConstants.errno.ESRCH) procs[pg.proc[i]!]!.exited = true
+          outcome[i] = Outcome.LOST
+        } else if (now !== pg.hashes[i]) outcome[i] = Outcome.VOLATILE
+        else if (groupZero[g] ? st === 0 : st === 0 && !refBad[g] && refGood[g]) settle(i, g, Outcome.CONFIRMED)
+        else if (st === 1 && (groupZero[g] || !refBad[g])) {
+          outcome[i] = Outcome.COLLISION
+          collisions++
+        } else next[i] = g // compared with a reference that changed: try again with another one
+      })
+    })
+    // The references: confirmed with their group if every read of them was unchanged.
+    for (let g = 0; g < groups; g++) {
+      const ri = refOf[g]!
+      if (ri < 0) continue
+      if (refGood[g] && !refBad[g]) {
+        if (subOfGroup[g]! >= 0) settle(ri, g, Outcome.CONFIRMED) // alone, a reference frees nothing
+      } else if (refGood[g] || refBad[g]) outcome[ri] = refLost[g] ? Outcome.LOST : Outcome.VOLATILE
+    }
+    pending = next
+  }
+  for (let i = 0; i < n; i++) if (pending[i]! >= 0 && outcome[i] === Outcome.NONE) outcome[i] = Outcome.VOLATILE
+
+  lap('confirming')
+  // A process gone by now took its memory with it: its pages leave the totals.
+  for (const p of procs) if (!p.status && !p.exited && p.readPages > 0 && goneNow(p.pid)) p.exited = true
+
+  // ---- count -------------------------------------------------------------------------------
+  const counts = procs.map(emptyCounts)
+  procs.forEach((p, pi) => (counts[pi]!.pagesScanned = p.readPages))
+  const live = (i: number) => !procs[pg.proc[i]!]!.exited
+  const subFirstProc = new Int32Array(subgroups).fill(-1)
+  const subKept = new Int32Array(subgroups).fill(-1)
+  const subSize = new Uint32Array(subgroups)
+  const subMulti = new Uint8Array(subgroups)
+  const subZero = new Uint8Array(subgroups)
+  for (let i = 0; i < n; i++) {
+    const c = counts[pg.proc[i]!]!
+    if (outcome[i] === Outcome.VOLATILE) c.volatilePages++
+    if (outcome[i] !== Outcome.CONFIRMED) continue
+    if (isZeroHash(i)) c.zeroPages++
+    const s = subOf[i]!
+    if (groupZero[groupOf[i]!]) subZero[s] = 1
+    if (!live(i)) continue
+    subSize[s]!++
+    if (subKept[s] === -1) subKept[s] = i
+    if (subFirstProc[s] === -1) subFirstProc[s] = pg.proc[i]!
+    else if (subFirstProc[s] !== pg.proc[i]) subMulti[s] = 1
+  }
+  let duplicateGroups = 0
+  for (let s = 0; s < subgroups; s++) if (!subZero[s] && subSize[s]! >= 2) duplicateGroups++
+  for (let i = 0; i < n; i++) {
+    if (outcome[i] !== Outcome.CONFIRMED || !live(i)) continue
+    const s = subOf[i]!
+    if (subZero[s] || subKept[s] === i) continue
+    const c = counts[pg.proc[i]!]!
+    c.duplicatePages++
+    if (subMulti[s]) c.crossProcessDuplicatePages++
+    else c.withinProcessDuplicatePages++
+  }
+
+  const processes: ProcessEstimate[] = procs.map((p, pi) => {
+    const c = counts[pi]!
+    let status: ProcessStatus = p.status ?? 'ok'
+    let error = p.error
+    if (!p.status) {
+      if (p.exited) {
+        status = 'exited'
+        error = failure('exited', 'ESRCH', 'process_vm_readv', `the process exited during the scan, after ${p.readPages} pages were read; its memory is gone and is left out of the totals`).error
+      } else if (p.readErrno && (p.readErrno === osConstants.errno.EPERM || p.readErrno === osConstants.errno.EACCES) && p.readPages === 0) {
+        const code = errnoName(p.readErrno)
+        ;({ status, error } = failure('denied', code, p.readSyscall, `cannot read the memory of process ${p.pid}`, deniedHint(p.pid)))
+      } else if (p.readErrno || p.unread > 0) {
+        const code = errnoName(p.readErrno || osConstants.errno.EFAULT)
+        ;({ status, error } = failure('partial', code, p.readSyscall || 'process_vm_readv', `${p.unread} resident pages could not be read (mappings that vanished or shrank while being read)`))
+      }
+    }
+    const read = status === 'ok' || status === 'partial'
+    if (!read) Object.assign(c, emptyCounts(), { pagesScanned: p.readPages })
+    c.bytesFreeable = (c.duplicatePages + (o.includeZero ? c.zeroPages : 0)) * PAGE_SIZE
+    return {
+      pid: p.pid,
+      name: p.name,
+      command: p.command,
+      status,
+      ...(error ? { error } : {}),
+      ...(p.note ? { note: p.note } : {}),
+      domain: p.domain,
+      mappings: p.ranges.length / 2,
+      bytesMapped: p.bytesMapped,
+      ...c,
+      pagesUnread: p.unread,
+      pagesSwapped: p.swapped,
+      pagesZeroMapped: p.zeroMapped,
+    }
+  })
+
+  const total: EstimateTotal = {
+    ...emptyCounts(),
+    duplicateGroups,
+    hashCollisions: collisions,
+    pagesUnread: 0,
+    pagesSwapped: 0,
+    pagesZeroMapped: 0,
+    processesRead: 0,
+    processesNotRead: 0,
+    bytesRead,
+    elapsedMs: 0,
+    phasesMs: phases,
+  }
+  for (const p of processes) {
+    const read = p.status === 'ok' || p.status === 'partial'
+    if (read) total.processesRead++
+    else total.processesNotRead++
+    if (!read) continue
+    for (const k of ['pagesScanned', 'zeroPages', 'duplicatePages', 'withinProcessDuplicatePages', 'crossProcessDuplicatePages', 'volatilePages', 'bytesFreeable', 'pagesUnread', 'pagesSwapped', 'pagesZeroMapped'] as const)
+      total[k] += p[k]
+  }
+
+  const top = topContents(pg, procs, outcome, subOf, subSize, subZero, subgroups, o.top, live)
+  total.elapsedMs = Math.round((performance.now() - started) * 10) / 10
+  return { pageSize: PAGE_SIZE, includeZero: o.includeZero, processes, total, top }
 }
 
 interface CompareChunk {
