@@ -237,34 +237,80 @@ Napi::Value RemoteHash(const Napi::CallbackInfo& info) {
   uint64_t* hashes = reinterpret_cast<uint64_t*>(out.data);
   int32_t* st = reinterpret_cast<int32_t*>(status.data);
   uint8_t* buf = Scratch(kRunChunkPages * kPage).data();
-  uint64_t slot = 0, hashed = 0;
-  int wide = 0;  // a process-wide error: the remaining ranges get it without a syscall each
-  for (size_t i = 0; i < n; i++) {
-    uint64_t addr = r[2 * i], pages = r[2 * i + 1], done = 0;
-    int err = wide;
-    while (!err && done < pages) {
-      size_t want = static_cast<size_t>(std::min<uint64_t>(kRunChunkPages, pages - done));
-      iovec local{buf, want * kPage}, remote{reinterpret_cast<void*>(addr + done * kPage), want * kPage};
-      ssize_t got = ReadV(pid, &local, 1, &remote, 1);
-      size_t ok = got > 0 ? static_cast<size_t>(got) / kPage : 0;
-      for (size_t k = 0; k < ok; k++) hashes[slot + done + k] = HashPage(buf + k * kPage);
-      done += ok;
-      if (ok == want) continue;
-      // Stopped at page `done`: read it alone, to learn why or to go on if it reads now.
-      int e = got < 0 ? errno : 0;
-      if (!ProcessWide(e)) e = ReadOne(pid, addr + done * kPage, buf);
-      if (e) {
-        err = e;
-        if (ProcessWide(e)) wide = e;
-      } else {
-        hashes[slot + done] = HashPage(buf);
-        done++;
-      }
-    }
+  // Small ranges share a process_vm_readv: one remote iovec per piece of a range, up to the
+  // buffer's kRunChunkPages and kMaxIov pieces (a syscall per range dominated with many small ones).
+  struct Piece {
+    size_t range;
+    uint64_t from;  // page within the range
+    size_t pages;
+  };
+  thread_local std::vector<Piece> pieces;
+  thread_local std::vector<iovec> remote;
+  pieces.resize(kMaxIov);
+  remote.resize(kMaxIov);
+  uint64_t hashed = 0, slot = 0;  // slot: the first hash of range i in out
+  size_t i = 0;
+  uint64_t done = 0;  // pages of range i read so far
+  int wide = 0;       // a process-wide error: the remaining ranges get it without a syscall each
+  auto finish = [&](int err) {  // range i ends: after `done` pages, for `err` (0: read in full)
     st[2 * i] = static_cast<int32_t>(done);
     st[2 * i + 1] = -err;
-    slot += pages;
     hashed += done;
+    slot += r[2 * i + 1];
+    i++;
+    done = 0;
+  };
+  while (i < n) {
+    if (wide) {
+      finish(wide);
+      continue;
+    }
+    if (done == r[2 * i + 1]) {
+      finish(0);
+      continue;
+    }
+    // Gather pieces from (i, done) on.
+    size_t np = 0, bufPages = 0, ri = i;
+    uint64_t from = done;
+    while (ri < n && bufPages < kRunChunkPages && np < kMaxIov) {
+      uint64_t left = r[2 * ri + 1] - from;
+      if (left > 0) {
+        size_t take = static_cast<size_t>(std::min<uint64_t>(left, kRunChunkPages - bufPages));
+        pieces[np] = Piece{ri, from, take};
+        remote[np++] = iovec{reinterpret_cast<void*>(r[2 * ri] + from * kPage), take * kPage};
+        bufPages += take;
+        from += take;
+        if (from < r[2 * ri + 1]) break;  // the buffer is full
+      }
+      ri++;
+      from = 0;
+    }
+    iovec local{buf, bufPages * kPage};
+    ssize_t got = ReadV(pid, &local, 1, remote.data(), np);
+    size_t ok = got > 0 ? static_cast<size_t>(got) / kPage : 0;
+    // Hash what was read, piece by piece; ranges read in full end with status 0.
+    size_t at = 0;
+    for (size_t p = 0; p < np && at < ok; p++) {
+      const Piece& pc = pieces[p];
+      while (i < pc.range) finish(0);  // empty ranges between pieces
+      size_t k = std::min(pc.pages, ok - at);
+      for (size_t j = 0; j < k; j++) hashes[slot + pc.from + j] = HashPage(buf + (at + j) * kPage);
+      at += k;
+      done = pc.from + k;
+      if (done == r[2 * i + 1] && k == pc.pages) finish(0);
+    }
+    if (ok == bufPages) continue;
+    // Stopped at page `done` of range i: read it alone, to learn why or to go on if it reads now.
+    uint64_t addr = r[2 * i] + done * kPage;
+    int e = got < 0 ? errno : 0;
+    if (!ProcessWide(e)) e = ReadOne(pid, addr, buf);
+    if (e) {
+      if (ProcessWide(e)) wide = e;
+      finish(e);
+    } else {
+      hashes[slot + done] = HashPage(buf);
+      done++;
+    }
   }
   return Napi::Number::New(env, static_cast<double>(hashed));
 }
