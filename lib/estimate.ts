@@ -422,10 +422,18 @@ function probe(pid: number, ranges: EstimateRange[] | undefined): Probe {
     for (const m of p.mappings) if (m.privateAnon) selected.push([m.first, m.end])
   } else {
     const readable = p.mappings.filter((m) => m.perms[0] === 'r' && !SPECIAL.has(m.name))
-    for (const r of ranges) {
-      const first = Number(BigInt(r.address) >> PAGE_SHIFT)
-      const end = Number((BigInt(r.address) + BigInt(r.bytes) + BigInt(PAGE_SIZE - 1)) >> PAGE_SHIFT)
-      for (const m of readable) {
+    const pagesOf = (r: EstimateRange): [number, number] => {
+      if (typeof r.address === 'number' && r.address + r.bytes <= Number.MAX_SAFE_INTEGER)
+        return [Math.floor(r.address / PAGE_SIZE), Math.ceil((r.address + r.bytes) / PAGE_SIZE)]
+      return [Number(BigInt(r.address) >> PAGE_SHIFT), Number((BigInt(r.address) + BigInt(r.bytes) + BigInt(PAGE_SIZE - 1)) >> PAGE_SHIFT)]
+    }
+    // Ranges by start, swept along the mappings (sorted in maps): no pass over every mapping per range.
+    const wanted = ranges.map(pagesOf).sort((x, y) => x[0] - y[0])
+    let from = 0
+    for (const [first, end] of wanted) {
+      while (from < readable.length && readable[from]!.end <= first) from++
+      for (let k = from; k < readable.length && readable[k]!.first < end; k++) {
+        const m = readable[k]!
         const a = Math.max(first, m.first), b = Math.min(end, m.end)
         if (a < b) selected.push([a, b])
       }

@@ -10,6 +10,8 @@ const { PRESENT, ZERO_PFN } = RemotePage
 const ESRCH = osConstants.errno.ESRCH
 
 let flags = new Uint8Array(8192)
+/** Most pages between two ranges that still share a pagemap read (8 bytes of pagemap a page). */
+const PAGEMAP_GAP = 256
 
 /** Errors after which nothing more of the process can be read. */
 const processWide = (errno: number) => errno === ESRCH || errno === osConstants.errno.EPERM || errno === osConstants.errno.EACCES
@@ -20,28 +22,36 @@ function hash(task: EstimateHashTask): EstimateHashResult {
   const fail = (errno: number, syscall: string) => {
     if (!result.errno) Object.assign(result, { errno, syscall })
   }
-  // Runs of resident pages (that are not the kernel's zero page), as page numbers.
+  // Runs of resident pages (that are not the kernel's zero page), as page numbers. Ranges close
+  // together share one pagemap read (with many small ranges, a read per range dominated).
   const runs: number[] = []
-  for (let r = 0; r < ranges.length && !processWide(result.errno); r += 2) {
-    const first = ranges[r]!, pages = ranges[r + 1]!
-    if (flags.length < pages) flags = new Uint8Array(pages)
-    const got = native.pagemapPresent(pid, BigInt(first) << 12n, pages, flags)
+  for (let r = 0; r < ranges.length && !processWide(result.errno); ) {
+    const spanFirst = ranges[r]!
+    let end = r + 2
+    while (end < ranges.length && ranges[end]! - (ranges[end - 2]! + ranges[end - 1]!) <= PAGEMAP_GAP) end += 2
+    const span = ranges[end - 2]! + ranges[end - 1]! - spanFirst
+    if (flags.length < span) flags = new Uint8Array(span)
+    const got = native.pagemapPresent(pid, BigInt(spanFirst) << 12n, span, flags)
     if (got < 0) {
       fail(-got, 'read /proc/pid/pagemap')
+      r = end
       continue
     }
-    let start = -1
-    for (let k = 0; k <= pages; k++) {
-      const f = k < pages ? flags[k]! : 0
-      const take = (f & PRESENT) !== 0 && (f & ZERO_PFN) === 0
-      if (take && start < 0) start = k
-      else if (!take && start >= 0) {
-        runs.push(first + start, k - start)
-        start = -1
-      }
-      if (k < pages) {
-        if (f & RemotePage.SWAPPED) result.swapped++
-        if (f & ZERO_PFN) result.zeroMapped++
+    for (; r < end; r += 2) {
+      const first = ranges[r]!, pages = ranges[r + 1]!, at = first - spanFirst
+      let start = -1
+      for (let k = 0; k <= pages; k++) {
+        const f = k < pages ? flags[at + k]! : 0
+        const take = (f & PRESENT) !== 0 && (f & ZERO_PFN) === 0
+        if (take && start < 0) start = k
+        else if (!take && start >= 0) {
+          runs.push(first + start, k - start)
+          start = -1
+        }
+        if (k < pages) {
+          if (f & RemotePage.SWAPPED) result.swapped++
+          if (f & ZERO_PFN) result.zeroMapped++
+        }
       }
     }
   }
