@@ -379,9 +379,10 @@ Napi::Value RemoteCompare(const Napi::CallbackInfo& info) {
         continue;
       }
       const uint8_t* page = buf + k * kPage;
-      *h = HashPage(page);
       size_t ref = static_cast<size_t>(members[3 * (i + k)]);
       st[k] = status[ref] != 0 ? 2 : std::memcmp(page, refPages.data() + ref * kPage, kPage) == 0 ? 0 : 1;
+      // Equal bytes have the reference's hash: hash only a page that differs (or had no reference).
+      *h = st[k] == 0 ? hashes[ref] : HashPage(page);
     }
     i = end;
   }
