@@ -498,53 +498,43 @@ function domainWords(index: number): [number, number] {
 
 /**
  * Groups pages by key: every key held by two pages or more (and the zero key, when `zeroKey` is
- * given, from one page) gets a group number, and groupOf[i] is page i's group or -1. Sorting a
- * copy of the keys finds the repeated ones; a typed open-addressing table then finds each page's
- * group in one pass, with no object per page.
+ * given, from one page) gets a group number, in the order of the keys' first pages, and
+ * groupOf[i] is page i's group or -1. One typed open-addressing table counts each key (no sort,
+ * no object per page); a second pass numbers the groups.
  * @returns the number of groups, and for each group whether it is the zero key's
  */
 export function groupKeys(keys: Uint32Array, n: number, zeroKey: [number, number] | undefined, groupOf: Int32Array): { groups: number; zero: boolean[] } {
-  const sorted = new BigUint64Array(n)
-  sorted.set(new BigUint64Array(keys.buffer, keys.byteOffset, n))
-  sorted.sort()
-  const sw = new Uint32Array(sorted.buffer)
-  const repLo: number[] = [], repHi: number[] = [], zero: boolean[] = []
-  for (let s = 0; s < n; ) {
-    const lo = sw[2 * s]!, hi = sw[2 * s + 1]!
-    let e = s + 1
-    while (e < n && sw[2 * e] === lo && sw[2 * e + 1] === hi) e++
-    const isZero = zeroKey !== undefined && lo === zeroKey[0] && hi === zeroKey[1]
-    if (e - s >= 2 || isZero) {
-      repLo.push(lo)
-      repHi.push(hi)
-      zero.push(isZero)
-    }
-    s = e
-  }
-  const groups = repLo.length
+  const zero: boolean[] = []
   groupOf.fill(-1, 0, n)
-  if (groups === 0) return { groups, zero }
+  if (n === 0) return { groups: 0, zero }
   let bits = 1
-  while (1 << bits < 2 * groups) bits++
+  while (1 << bits < 2 * n) bits++
   const mask = (1 << bits) - 1
-  const table = new Int32Array(1 << bits) // group + 1, or 0 for empty
-  const slot = (lo: number, hi: number) => Math.imul((lo ^ Math.imul(hi, 0x85ebca6b)) >>> 0, 0x9e3779b1) >>> (32 - bits)
-  for (let g = 0; g < groups; g++) {
-    let p = slot(repLo[g]!, repHi[g]!)
-    while (table[p] !== 0) p = (p + 1) & mask
-    table[p] = g + 1
+  const first = new Int32Array(1 << bits) // the first page with the slot's key, + 1; 0: empty
+  const count = new Uint8Array(1 << bits) // pages with the key, up to 2
+  const group = new Int32Array(1 << bits) // the key's group + 1, once numbered
+  const slotOf = (lo: number, hi: number) => {
+    for (let p = Math.imul((lo ^ Math.imul(hi, 0x85ebca6b)) >>> 0, 0x9e3779b1) >>> (32 - bits); ; p = (p + 1) & mask) {
+      const e = first[p]!
+      if (e === 0 || (keys[2 * (e - 1)] === lo && keys[2 * (e - 1) + 1] === hi)) return p
+    }
   }
-  const tLo = Uint32Array.from(repLo), tHi = Uint32Array.from(repHi)
+  for (let i = 0; i < n; i++) {
+    const p = slotOf(keys[2 * i]!, keys[2 * i + 1]!)
+    if (first[p] === 0) first[p] = i + 1
+    if (count[p]! < 2) count[p]!++
+  }
+  let groups = 0
   for (let i = 0; i < n; i++) {
     const lo = keys[2 * i]!, hi = keys[2 * i + 1]!
-    for (let p = slot(lo, hi); ; p = (p + 1) & mask) {
-      const e = table[p]!
-      if (e === 0) break
-      if (tLo[e - 1] === lo && tHi[e - 1] === hi) {
-        groupOf[i] = e - 1
-        break
-      }
+    const p = slotOf(lo, hi)
+    if (group[p] === 0) {
+      const isZero = zeroKey !== undefined && lo === zeroKey[0] && hi === zeroKey[1]
+      if (count[p]! < 2 && !isZero) continue
+      group[p] = ++groups
+      zero.push(isZero)
     }
+    groupOf[i] = group[p]! - 1
   }
   return { groups, zero }
 }
