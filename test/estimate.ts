@@ -272,6 +272,24 @@ t.test('the bridge: partial reads report how far they got, bad processes a -errn
   t.throws(() => native.remoteCompare(BigUint64Array.of(0n, 0n), BigUint64Array.of(1n, 1n, at), new Int32Array(2), new BigUint64Array(2)), { code: ErrorCode.OUT_OF_RANGE }, 'a member naming a ref that is not there')
 })
 
+t.test('remoteHash: small ranges read together, each with its own status', async (t) => {
+  const arena = new native.Arena()
+  const sab = arena.alloc(64 * PAGE_SIZE, false)
+  const u = new Uint8Array(sab)
+  for (let i = 0; i < 64; i++) u.fill(i + 1, i * PAGE_SIZE, (i + 1) * PAGE_SIZE)
+  const at = native.addressOf(sab)
+  const want = new BigUint64Array(64)
+  native.hashPages(u, 0, 64, want, 0)
+  const page = BigInt(PAGE_SIZE)
+  // pages 0-2, two unmapped pages, page 5, an empty range, pages 10-63
+  const ranges = BigUint64Array.of(at, 3n, 1n << 40n, 2n, at + 5n * page, 1n, at + 20n * page, 0n, at + 10n * page, 54n)
+  const out = new BigUint64Array(60)
+  const status = new Int32Array(10)
+  t.equal(native.remoteHash(process.pid, ranges, out, status), 58)
+  t.same([...status], [3, 0, 0, -14, 1, 0, 0, 0, 54, 0], 'the unmapped range alone fails (EFAULT)')
+  t.same([out[0], out[2], out[5], out[6], out[59]], [want[0], want[2], want[5], want[10], want[63]], 'each hash in its range\'s place')
+})
+
 t.test('grouping keys: repeated keys only, and the zero key from one page', async (t) => {
   const keys = new Uint32Array([1, 0, 2, 0, 1, 0, 3, 9, 2, 0, 5, 5])
   const groupOf = new Int32Array(6)
