@@ -278,7 +278,7 @@ export class Engine {
 
   /** Unmerges the buffer's pages (every page private again), then forgets it. */
   unregister(target: unknown): boolean {
-    if (this.inCallback) this.assertOpen('unregister')
+    this.assertNotInCallback('unregister')
     const sab = sharedBufferOf(target)
     const region = this.byId.get(this.arena.idOf(sab))
     if (!region) return false
@@ -511,7 +511,7 @@ export class Engine {
 
   /** Stops background scanning after its current batch; rejects with the error that stopped it, if one did. */
   stop(): Promise<void> {
-    if (this.inCallback) this.assertOpen('stop') // thrown, not a rejection a synchronous callback would leave unhandled
+    this.assertNotInCallback('stop') // thrown, not a rejection a synchronous callback would leave unhandled
     return this.stopScanning()
   }
 
@@ -962,7 +962,7 @@ export class Engine {
   // ---- options, stats, closing ----------------------------------------------------------------
 
   setOptions(next: ResolvedOptions): void {
-    if (this.inCallback) this.assertOpen('setOptions')
+    this.assertNotInCallback('setOptions')
     if (next.engine !== this.options.engine)
       throw error(ErrorCode.BUSY, 'options.engine is fixed when the PageMerger is made (its buffers are allocated for it)')
     const sharing = this.stable.live > 0
@@ -1009,7 +1009,7 @@ export class Engine {
   }
 
   close(): Promise<void> {
-    if (this.inCallback) this.assertOpen('close')
+    this.assertNotInCallback('close')
     return this.closeAll()
   }
 
@@ -1024,9 +1024,14 @@ export class Engine {
     })
   }
 
-  /** Throws CLOSED after close(), and BUSY from inside onProgress, which runs in the middle of a scan. */
+  /** Throws CLOSED after close(), and BUSY from inside onProgress (see assertNotInCallback). */
   private assertOpen(method: string): void {
     if (this.closed) throw error(ErrorCode.CLOSED, 'this PageMerger was closed')
+    this.assertNotInCallback(method)
+  }
+
+  /** Throws BUSY from inside onProgress, which runs in the middle of a scan. */
+  private assertNotInCallback(method: string): void {
     if (this.inCallback) throw error(ErrorCode.BUSY, `pm.${method}() cannot be called from inside mergeNow()'s onProgress, which runs in the middle of a scan`)
   }
 
