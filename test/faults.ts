@@ -1,12 +1,14 @@
-// Faults and limits (issue #7): WebAssembly traps and SIGSEGV behave as without pagemerge, the
+// Faults and limits (issue #7): WebAssembly traps, a null dereference in native code (an addon
+// compiled by this test) and SIGSEGV behave as without pagemerge, the
 // mapping budget near vm.max_map_count, unmerging without memory, a memfd that cannot grow, and
 // an exception or SIGTERM in the middle of mergeNow(). The risky cases run in child processes
 // (test/fixtures/faults-*.js) under per-process limits set with prlimit: nothing system-wide
 // changes, and every child runs with RLIMIT_CORE 0, so a deliberate crash leaves no core file.
 import t, { type Test } from 'tap'
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
-import { existsSync, readFileSync } from 'node:fs'
-import { join } from 'node:path'
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { homedir, tmpdir } from 'node:os'
+import { dirname, join } from 'node:path'
 import { createInterface } from 'node:readline'
 import { ErrorCode, PageMerger } from '../lib/index'
 import { fillRandom, MiB, PAGE } from './fixtures/util'
@@ -123,7 +125,58 @@ t.test('a WebAssembly out-of-bounds trap is caught the same way with pagemerge m
   t.ok(inflight.workerTraps?.caught > 0 && inflight.workerTraps?.other === 0, `a worker thread trapping throughout the merge caught every one (${inflight.workerTraps?.caught})`)
 })
 
-t.test('SIGSEGV ends the process as without pagemerge (a raised signal: JS cannot dereference null)', {
+/**
+ * The Node-API addon of test/fixtures/native-crash/null-deref.c, compiled into a temporary
+ * directory once per run of this file (test-only: nothing is added to the package or its
+ * install); or why it cannot be: no C/C++ compiler or no node_api.h for this Node.
+ */
+function nullDerefAddon(): { path: string } | { skip: string } {
+  const headers = [
+    join(dirname(process.execPath), '..', 'include', 'node'), // Node's own install
+    join(process.env.npm_config_devdir ?? join(homedir(), '.cache', 'node-gyp'), process.versions.node, 'include', 'node'), // node-gyp's cache
+    join(homedir(), '.node-gyp', process.versions.node, 'include', 'node'), // older node-gyp
+    '/usr/include/node', // distribution packages
+  ].find((dir) => existsSync(join(dir, 'node_api.h')))
+  if (!headers) return { skip: `no node_api.h for Node ${process.versions.node} (looked next to ${process.execPath} and in node-gyp's cache)` }
+  const compiler = [process.env.CXX, 'g++', 'c++', 'cc'].find((cc) => cc && spawnSync(cc, ['--version'], { stdio: 'ignore' }).status === 0)
+  if (!compiler) return { skip: 'no C/C++ compiler (g++, c++ or cc) to build the null-dereferencing addon' }
+  const dir = mkdtempSync(join(tmpdir(), 'pagemerge-null-deref-'))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const path = join(dir, 'null-deref.node')
+  const cc = spawnSync(compiler, ['-shared', '-fPIC', '-O2', '-I', headers, '-o', path, join(FIXTURES, 'native-crash', 'null-deref.c')], { encoding: 'utf8' })
+  if (cc.status !== 0) return { skip: `${compiler} could not build the null-dereferencing addon: ${cc.stderr || cc.error}` }
+  return { path }
+}
+
+const nullDeref = PRLIMIT ? nullDerefAddon() : { skip: 'needs prlimit (util-linux): a deliberate crash must not dump core' }
+
+t.test('a null dereference in native code ends the process as without pagemerge; WebAssembly traps before it are caught', {
+  skip: 'skip' in nullDeref ? nullDeref.skip : false,
+}, async (t) => {
+  const addon = nullDeref as { path: string }
+  const results: Record<string, Awaited<ReturnType<typeof run>>> = {}
+  for (const mode of ['none', 'merged', 'inflight']) results[mode] = await run(t, 'faults-wasm.js', [mode, 'nullderef', addon.path])
+  const none = results.none!
+  const noneLine = none.lines[0]?.nullderef
+  t.same(none.lines.length, 1, 'without pagemerge: one line, then the crash', { lines: none.lines, stderr: none.stderr })
+  t.same([none.code, none.signal], [null, 'SIGSEGV'], 'without pagemerge: killed by SIGSEGV')
+  t.same(noneLine?.traps, { rounds: 100, caught: 100, errors: ['RuntimeError: memory access out of bounds'], inBounds: 0 }, 'without pagemerge: traps caught first')
+  for (const mode of ['merged', 'inflight']) {
+    const r = results[mode]!
+    const line = r.lines[0]?.nullderef
+    t.ok(line, `${mode}: the child got as far as the null dereference`, { lines: r.lines, stderr: r.stderr })
+    t.same(r.lines.slice(1), [], `${mode}: and did not live on`)
+    t.same(line?.traps, noneLine?.traps, `${mode}: WebAssembly traps just before it still thrown as catchable RuntimeErrors`)
+    t.ok(line?.pagesSharing > 0, `${mode}: pages merged at the time (${line?.pagesSharing})`)
+    t.same(line?.damaged, [], `${mode}: every buffer read its bytes just before`)
+    t.ok(['full', 'user'].includes(line?.writeProtection), `${mode}: userfaultfd write protection in place (${line?.writeProtection})`)
+    t.equal(BigInt('0x' + line?.sigCgt) & FAULT_SIGNALS, BigInt('0x' + noneLine?.sigCgt) & FAULT_SIGNALS, `${mode}: the same SIGSEGV/SIGBUS handlers as without pagemerge (SigCgt ${line?.sigCgt})`)
+    t.same([r.code, r.signal], [none.code, none.signal], `${mode}: ends as without pagemerge: killed by ${r.signal}`)
+    t.equal(r.stderr, none.stderr, `${mode}: prints what Node prints without pagemerge (${JSON.stringify(none.stderr)})`)
+  }
+})
+
+t.test('a raised SIGSEGV (kill(2)) ends the process as without pagemerge', {
   skip: PRLIMIT ? false : 'needs prlimit (util-linux): a deliberate crash must not dump core',
 }, async (t) => {
   for (const mode of ['none', 'merged', 'inflight']) {
