@@ -93,7 +93,7 @@ interface Batch {
   /** This batch ends a full scan. */
   wrapped: boolean
   candidates: Int32Array
-  /** Settles when the batch is hashed. */
+  /** Settles when the batch is hashed; absent when it was hashed at once, on this thread. */
   hashed?: Promise<void>
 }
 
@@ -188,6 +188,8 @@ export class Engine {
   private pool: Piscina | undefined
   /** Serializes scans, unmerges and closing: one merge at a time. */
   private queue: Promise<unknown> = Promise.resolve()
+  /** Calls waiting in or running through `queue`: the background scanner steps in only when none is. */
+  private queued = 0
   private cursor = { region: 0, page: 0 }
   private background: Promise<void> | undefined
   /** Ends the background scanner's sleep early: its timer is unref'd, so stop() must not wait on it. */
@@ -409,7 +411,8 @@ export class Engine {
 
   /** Runs `fn` after everything queued before it: one scan or unmerge at a time. */
   private exclusive<T>(fn: () => Promise<T> | T): Promise<T> {
-    const next = this.queue.then(fn, fn)
+    this.queued++
+    const next = this.queue.then(fn, fn).finally(() => this.queued--)
     this.queue = next.catch(() => undefined)
     return next
   }
@@ -488,25 +491,59 @@ export class Engine {
     this.background = (this.background ?? Promise.resolve()).then(() => this.scanInBackground())
   }
 
-  /** Background scanning: a batch, then a sleep, until stop(). An error stops it; stop() rethrows it. */
-  private async scanInBackground(): Promise<void> {
-    try {
-      while (this.running) {
-        await this.exclusive(async () => {
-          if (!this.running) return
-          if (await this.batch(this.options.pagesToScan, false)) this.endScan(true)
-        })
-        if (!this.running) break
-        await new Promise<void>((r) => {
-          const timer = setTimeout(r, this.options.sleepMillisecs).unref()
-          this.wake = () => (clearTimeout(timer), r())
-        })
+  /**
+   * Background scanning: a batch, then a sleep, until stop(); settles when it ends. An error stops
+   * it; stop() rethrows it. At ksmd's default knobs (100 pages every 20 ms) the loop's own cost
+   * is much of the CPU, so it is kept small: one Timeout, re-armed, and a batch small enough to
+   * hash on this thread runs synchronously when nothing else is queued (no promise per step).
+   */
+  private scanInBackground(): Promise<void> {
+    return new Promise<void>((done) => {
+      let timer: NodeJS.Timeout | undefined
+      let armedFor = -1 // the sleep the timer was made with: a setOptions() since needs a new one
+      let inBatch = false // a batch through the queue: stop() waits for it, as for a synchronous one
+      const finish = (failed: boolean, err?: unknown) => {
+        if (failed) this.failure = err
+        this.running = false
         this.wake = undefined
+        clearTimeout(timer)
+        done()
       }
-    } catch (err) {
-      this.running = false
-      this.failure = err
+      const sleep = () => {
+        inBatch = false
+        if (!this.running) return finish(false)
+        const ms = this.options.sleepMillisecs
+        if (timer && ms === armedFor) timer.refresh()
+        else clearTimeout(timer), (timer = setTimeout(step, (armedFor = ms)).unref())
+      }
+      const step = () => {
+        if (!this.running) return finish(false)
+        if (this.queued === 0 && this.options.pagesToScan < INLINE_PAGES) {
+          try {
+            this.scanStep()
+          } catch (err) {
+            return finish(true, err)
+          }
+          return sleep()
+        }
+        inBatch = true
+        this.exclusive(() => (this.running ? this.scanStep() : undefined)).then(sleep, (err) => finish(true, err))
+      }
+      this.wake = () => inBatch || finish(false) // cuts the sleep short; a batch in the queue ends first
+      step()
+    })
+  }
+
+  /** One batch of background scanning; a promise only when its hashing went to the workers. */
+  private scanStep(): Promise<void> | undefined {
+    const b = this.begin(this.options.pagesToScan, true)
+    const end = () => {
+      this.process(b, false)
+      if (b.wrapped) this.endScan(true)
     }
+    if (b.hashed) return b.hashed.then(end)
+    end()
+    return undefined
   }
 
   /** Stops background scanning after its current batch; rejects with the error that stopped it, if one did. */
@@ -591,10 +628,18 @@ export class Engine {
     if (b.shards.length === 0) return b
     this.survey(b)
     this.hashing++
-    b.hashed = this.hash(b, share).finally(() => {
-      if (--this.hashing === 0) this.freeSlots.push(...this.freedInBatch.splice(0))
-    })
+    let running: Promise<void> | undefined
+    try {
+      running = this.hash(b, share)
+    } finally {
+      if (!running) this.hashDone()
+    }
+    if (running) b.hashed = running.finally(() => this.hashDone())
     return b
+  }
+
+  private hashDone(): void {
+    if (--this.hashing === 0 && this.freedInBatch.length > 0) this.freeSlots.push(...this.freedInBatch.splice(0))
   }
 
   /**
@@ -641,9 +686,10 @@ export class Engine {
   /**
    * Hashes the batch: one share per worker thread and one for the coordinator, which would
    * otherwise wait. A batch smaller than INLINE_PAGES is hashed here alone: a round trip to a
-   * worker (task cloned, views made, reply awaited) costs more than hashing it.
+   * worker (task cloned, views made, reply awaited) costs more than hashing it. Returns a promise
+   * only when workers have a share: a batch hashed here alone is done when this returns.
    */
-  private async hash({ shards, pages, candidates }: Batch, share: boolean): Promise<void> {
+  private hash({ shards, pages, candidates }: Batch, share: boolean): Promise<void> | undefined {
     const common = {
       keys: this.pages.words.buffer as SharedArrayBuffer,
       flags: this.pages.flags.buffer as SharedArrayBuffer,
@@ -671,7 +717,7 @@ export class Engine {
     const pool = this.workerPool()
     const running = filled.map((t) => pool.run({ ...common, shards: t } satisfies HashTask))
     if (mine) hashShards({ ...common, shards: mine })
-    await Promise.all(running)
+    return Promise.all(running).then(() => undefined)
   }
 
   /** Decides, page by page, what each page of the batch becomes; then carries it out. */
