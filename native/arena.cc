@@ -191,6 +191,7 @@ struct ArenaCore {
   uint32_t nextId = 1;
   std::unordered_map<uint32_t, std::unique_ptr<Allocation>> allocs;
   std::unordered_map<uintptr_t, uint32_t> byBase;
+  std::map<uint64_t, Allocation*> byOwn;  // first arena page -> allocation: whose window a file page is
   RefTable refs;
   std::mutex deferredMu;
   std::vector<Owner*> deferred;  // buffers freed by a GC that ran inside a call on this arena
@@ -205,6 +206,11 @@ struct ArenaCore {
 
   int pagemapFd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);  // kept open: read every batch
   WriteProtector wp;  // holds writers off the pages of an extent between its comparison and its remap
+  // Spans (FindSpan); PAGEMERGE_NO_SPANS=1 maps every extent on its own, to compare.
+  bool spans = [] {
+    const char* off = getenv("PAGEMERGE_NO_SPANS");
+    return !(off && *off && *off != '0');
+  }();
 
   ~ArenaCore() {
     if (pagemapFd >= 0) close(pagemapFd);
@@ -371,6 +377,17 @@ struct ArenaCore {
     return it == allocs.end() ? nullptr : it->second.get();
   }
 
+  // Whether file page `f` holds bytes that something uses: a live pool page, or a page of a
+  // shared window that still maps its own page. Any other page is a hole (or should be one).
+  bool FileLive(uint64_t f) const {
+    if (refs.Get(static_cast<uint32_t>(f))) return true;
+    auto it = byOwn.upper_bound(f);
+    if (it == byOwn.begin()) return false;
+    --it;
+    const Allocation& a = *it->second;
+    return f < it->first + a.pages && a.state[f - it->first] == kShared;
+  }
+
   bool PoolLive(uint64_t first, uint64_t count) const {
     if (first >= top || count > top - first) return false;
     for (uint64_t k = 0; k < count; k++)
@@ -443,6 +460,7 @@ void CollectLocked(ArenaCore& core, uint32_t id) {
   if (p != MAP_FAILED) core.Retire(static_cast<uint64_t>(a.own), a.pages);  // else: never reuse it
   else munmap(a.base, a.pages * kPage);
   core.byBase.erase(reinterpret_cast<uintptr_t>(a.base));
+  core.byOwn.erase(static_cast<uint64_t>(a.own));
   core.trackedPages -= a.pages;
   core.allocs.erase(it);
 }
@@ -481,6 +499,72 @@ bool AllState(const Allocation& a, uint64_t first, uint64_t count, uint8_t st) {
   for (uint64_t k = 0; k < count; k++)
     if (a.state[first + k] != st) return false;
   return true;
+}
+
+// ---- Spans: one mapping for many extents ----
+//
+// Extents of one call that lie in one allocation in increasing page order and map the file at
+// the same delta (file page - page), separated by small gaps, are remapped as ONE mapping over
+// [first extent, last extent end): the gap pages get private copies of their own bytes inside it
+// (state kWritten, no pool page). Otherwise every extent would cut the buffer's mapping in three,
+// and fragmented duplicates (runs of 3 pages between rewritten ones) would need a mapping or two
+// per run: more than the process's budget holds.
+
+// A gap page costs a copy and a copy-on-write fault (~15 us here) where a cut costs one mapping:
+// past 64 pages (256 KiB) of copying, spending the two mappings is the better deal.
+constexpr uint64_t kMaxGap = 64;
+// Writers to any page of a span wait from its comparison to its remap: 4 MiB bounds that stall.
+constexpr uint64_t kMaxSpan = 1024;
+
+// One extent of a span: its index in the call, dest pages [page, page + count), file pages from `file`.
+struct SpanExt {
+  size_t index;
+  uint64_t page, count, file, follow;
+};
+
+// States a span may replace: copying a kMerged page would unmerge it.
+inline bool SpanState(uint8_t s) { return s == kShared || s == kAnon || s == kWritten; }
+
+bool AllSpanState(const Allocation& a, uint64_t first, uint64_t count) {
+  for (uint64_t k = 0; k < count; k++)
+    if (!SpanState(a.state[first + k])) return false;
+  return true;
+}
+
+// Whether pages [from, to) of `a` may be copied as gap pages: in a state a span may replace,
+// present (mincore), and not all zero (copying a dropped zero page would allocate it again).
+bool GapOk(const Allocation& a, uint64_t from, uint64_t to) {
+  if (!AllSpanState(a, from, to - from)) return false;
+  unsigned char vec[kMaxGap];
+  if (mincore(a.base + from * kPage, (to - from) * kPage, vec) != 0) return false;
+  for (uint64_t k = 0; k < to - from; k++)
+    if (!(vec[k] & 1) || IsZeroPage(a.base + (from + k) * kPage)) return false;
+  return true;
+}
+
+// The extents from `i` that form a span (at least two, with at least one gap page), into `out`;
+// `get(k, &e)` says whether extent k may be part of a span. Empty when extent i stands alone.
+template <class Get>
+void FindSpan(size_t i, size_t n, Get get, std::vector<SpanExt>* out, Allocation** owner) {
+  out->clear();
+  SpanExt e;
+  Allocation* a;
+  if (!get(i, &e, &a)) return;
+  uint64_t start = e.page, end = e.page + e.count, gaps = 0;
+  int64_t delta = static_cast<int64_t>(e.file) - static_cast<int64_t>(e.page);
+  out->push_back(e);
+  for (size_t k = i + 1; k < n; k++) {
+    SpanExt f;
+    Allocation* b;
+    if (!get(k, &f, &b) || b != a || f.page < end || static_cast<int64_t>(f.file) - static_cast<int64_t>(f.page) != delta ||
+        f.page - end > kMaxGap || f.page + f.count - start > kMaxSpan || (f.page > end && !GapOk(*a, end, f.page)))
+      break;
+    gaps += f.page - end;
+    end = f.page + f.count;
+    out->push_back(f);
+  }
+  if (!gaps) out->clear();
+  *owner = a;
 }
 
 class Arena : public Napi::ObjectWrap<Arena> {
@@ -587,6 +671,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
       if (c.nextId == 0) c.nextId = 1;
       owner = new Owner{core_, a->id};
       c.byBase[reinterpret_cast<uintptr_t>(a->base)] = a->id;
+      c.byOwn[start] = a.get();
       c.trackedPages += pages;
       base = a->base;
       RegistryAdd(base, length);
@@ -673,12 +758,40 @@ class Arena : public Napi::ObjectWrap<Arena> {
     std::vector<Allocation*> alloc;
     if (!ResolveAll(env, ex, 4, 2, &alloc)) return Napi::Value();
     uint64_t done = 0;
+    // Runs of a shared window stabilized in place map the file at the window's own offset: a
+    // sequence of them with small gaps between becomes one span (one mapping, see FindSpan).
+    auto inPlace = [&](size_t k, SpanExt* e, Allocation** owner) {
+      const uint32_t* r = ex.rec + k * 4;
+      Allocation* a = alloc[k];
+      if (!c.spans || !a || !AllState(*a, r[1], r[2], kShared)) return false;
+      *e = SpanExt{k, r[1], r[2], static_cast<uint64_t>(a->own) + r[1], r[3]};
+      *owner = a;
+      return true;
+    };
+    std::vector<SpanExt> span;
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 4;
       Allocation* a = alloc[i];
       poolOut[i] = kNoPool;
       if (!a) {
         ex.status[i] = kGone;
+        continue;
+      }
+      Allocation* owner;
+      FindSpan(i, ex.n, inPlace, &span, &owner);
+      if (!span.empty()) {
+        // One span costs two cuts (and the staging mapping until it moves). Its followers are
+        // reserved as if they too formed spans, one per allocation: the most any of its runs has.
+        uint64_t most = 0;
+        for (const SpanExt& e : span) most = std::max(most, e.follow), poolOut[e.index] = kNoPool;
+        int64_t follow = kCuts * static_cast<int64_t>(most);
+        if (!c.Fits(kCuts + 1 + follow, budget)) {
+          for (const SpanExt& e : span) ex.status[e.index] = kBudget;
+        } else {
+          c.reserved += follow;
+          done += ApplySpan(*owner, span, false, ex.status, poolOut);
+        }
+        i = span.back().index;
         continue;
       }
       uint64_t page = r[1], count = r[2], len = count * kPage;
@@ -751,12 +864,42 @@ class Arena : public Napi::ObjectWrap<Arena> {
                               std::to_string(r[3]) + ", which are not all live pool pages");
     }
     uint64_t done = 0;
+    auto mergeable = [&](size_t k, SpanExt* e, Allocation** owner) {
+      const uint32_t* r = ex.rec + k * 4;
+      Allocation* a = alloc[k];
+      if (!c.spans || !a || !c.PoolLive(r[2], r[3]) || !AllSpanState(*a, r[1], r[3])) return false;
+      *e = SpanExt{k, r[1], r[3], r[2], 0};
+      *owner = a;
+      return true;
+    };
+    std::vector<SpanExt> span;
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 4;
       Allocation* a = alloc[i];
       uint64_t page = r[1], poolPage = r[2], count = r[3], len = count * kPage;
       if (!a || !c.PoolLive(poolPage, count)) {  // an earlier extent of this call may have released them
         ex.status[i] = kGone;
+        continue;
+      }
+      Allocation* owner;
+      FindSpan(i, ex.n, mergeable, &span, &owner);
+      if (!span.empty()) {
+        // Each extent may come with the cuts stabilize() reserved for it; the span costs two cuts
+        // (and the staging mapping until it moves) once: take reservations for that, no more.
+        const int64_t cost = kCuts + 1;
+        int64_t got = 0;
+        for (size_t k = 0; k < span.size() && got < cost; k++)
+          if (c.reserved >= kCuts && c.mappings >= 0 && static_cast<double>(c.mappings) <= budget) c.reserved -= kCuts, got += kCuts;
+        if (got >= cost) {
+          c.mappings -= got - cost;  // counted twice: give back what the span does not use
+        } else if (!c.Fits(cost - got, budget)) {
+          c.mappings -= got;  // the reservations taken are not used either
+          for (const SpanExt& e : span) ex.status[e.index] = kBudget;
+          i = span.back().index;
+          continue;
+        }
+        done += ApplySpan(*owner, span, true, ex.status, nullptr);
+        i = span.back().index;
         continue;
       }
       if (c.reserved >= kCuts && c.mappings >= 0 && static_cast<double>(c.mappings) <= budget) {
@@ -1063,6 +1206,107 @@ class Arena : public Napi::ObjectWrap<Arena> {
     num("punchFailures", punchFailures);
     o.Set("writeProtection", Napi::String::New(env, WriteProtector::Name(core_->wp.mode())));
     return o;
+  }
+
+  // Remaps the span `es` of allocation `a` as one MAP_PRIVATE mapping of the file (see FindSpan).
+  // `verify`: compare each extent with its file pages first (merge); an extent that differs is
+  // reported and left as gap pages, and the span shrinks to its first..last extent that matched.
+  // Sets the status of every extent (and poolOut, if given, for the ones done); returns the pages
+  // done. Nothing changes unless the final mremap succeeds.
+  uint64_t ApplySpan(Allocation& a, const std::vector<SpanExt>& es, bool verify, int32_t* status, uint32_t* poolOut) {
+    ArenaCore& c = *core_;
+    const uint64_t first = es.front().page, pages = es.back().page + es.back().count - first, len = pages * kPage;
+    const uint64_t file = es.front().file;  // the file page that `first` will map
+    uint8_t* dst = a.base + first * kPage;
+    std::vector<uint8_t> in(pages, 0);  // 1: the page is in an extent (that matched, once verified)
+    for (const SpanExt& e : es) std::fill(in.begin() + (e.page - first), in.begin() + (e.page - first + e.count), 1);
+    // A private write to a file hole allocates it in the file: the gap copies below do that to file
+    // pages that hold nothing, which are punched again once the staging mapping is gone.
+    std::vector<uint64_t> holes;
+    for (uint64_t k = 0; k < pages; k++)
+      if (!in[k] && !c.FileLive(file + k)) holes.push_back(file + k);
+    auto punchHoles = [&] {
+      Puncher p(c.fd, &c.punchFailures);
+      for (uint64_t f : holes) p.Add(f);
+    };
+    auto failAll = [&](int err) {
+      for (const SpanExt& e : es) status[e.index] = -err;
+    };
+    void* m = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE, c.fd, static_cast<off_t>(file * kPage));
+    if (m == MAP_FAILED) {
+      failAll(errno);
+      return 0;
+    }
+    uint8_t* stage = static_cast<uint8_t*>(m);
+    // A first copy while writers still run: it takes the copy-on-write faults, which cost far
+    // more than the copy itself, out of the protected window.
+    for (uint64_t k = 0; k < pages; k++)
+      if (!in[k]) std::memcpy(stage + k * kPage, dst + k * kPage, kPage);
+    if (int err = c.wp.Protect(dst, len)) {  // from the comparison to the remap, writers wait
+      munmap(m, len);
+      punchHoles();
+      failAll(err);
+      return 0;
+    }
+    size_t lo = es.size(), hi = 0;  // the first and last extents that matched
+    for (size_t i = 0; i < es.size(); i++) {
+      const SpanExt& e = es[i];
+      int32_t v = verify ? c.Verify(dst + (e.page - first) * kPage, e.file, e.count) : kOk;
+      status[e.index] = v;
+      if (v == kOk) {
+        lo = std::min(lo, i);
+        hi = i;
+      } else {  // left as it is: its pages are copied like gap pages
+        std::fill(in.begin() + (e.page - first), in.begin() + (e.page - first + e.count), 0);
+      }
+    }
+    if (lo == es.size()) {
+      c.wp.Release(dst, len, false);
+      munmap(m, len);
+      punchHoles();
+      return 0;
+    }
+    const uint64_t from = es[lo].page - first, to = es[hi].page + es[hi].count - first;
+    for (uint64_t k = from; k < to; k++)  // the copy that counts: no write can land after it
+      if (!in[k]) std::memcpy(stage + k * kPage, dst + k * kPage, kPage);
+    uint8_t* at = dst + from * kPage;
+    size_t mlen = (to - from) * kPage;
+    if (mremap(stage + from * kPage, mlen, mlen, MREMAP_MAYMOVE | MREMAP_FIXED, at) == MAP_FAILED) {
+      int err = errno;
+      c.wp.Release(dst, len, false);
+      munmap(m, len);
+      punchHoles();
+      for (size_t i = lo; i <= hi; i++)
+        if (status[es[i].index] == kOk) status[es[i].index] = -err;
+      return 0;
+    }
+    if (from) munmap(stage, from * kPage);
+    if (to < pages) munmap(stage + to * kPage, (pages - to) * kPage);
+    if (from) c.wp.Release(dst, from * kPage, false);
+    if (to < pages) c.wp.Release(dst + to * kPage, (pages - to) * kPage, false);
+    c.wp.Release(at, mlen, true);  // the protection left with the old mapping: wake the writers
+    punchHoles();
+    uint64_t done = 0;
+    for (size_t i = lo; i <= hi; i++) {
+      const SpanExt& e = es[i];
+      if (status[e.index] != kOk) continue;
+      if (!verify)  // stabilized in place: the window's own pages become the pool pages, not punched
+        for (uint64_t k = 0; k < e.count; k++) a.state[e.page + k] = kAnon;
+      c.Retarget(a, e.page, e.count, static_cast<uint32_t>(e.file), kMerged);
+      if (poolOut) poolOut[e.index] = static_cast<uint32_t>(e.file);
+      done += e.count;
+    }
+    for (uint64_t k = from; k < to;) {  // the gap runs: private copies inside the file mapping
+      if (in[k]) {
+        k++;
+        continue;
+      }
+      uint64_t stop = k;
+      while (stop < to && !in[stop]) stop++;
+      c.Retarget(a, first + k, stop - k, kNoPool, kWritten);
+      k = stop;
+    }
+    return done;
   }
 
   void PunchRun(uint64_t first, uint64_t count) {

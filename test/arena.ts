@@ -327,3 +327,150 @@ t.test('a merged run split by unmerging its middle keeps both ends mapped right'
   t.equal(b[40 * PAGE], a[40 * PAGE]! ^ 1)
   t.equal(Buffer.compare(Buffer.from(a.buffer, 41 * PAGE, 23 * PAGE), Buffer.from(b.buffer, 41 * PAGE, 23 * PAGE)), 0, 'the right end still reads the pool')
 })
+
+// ---- spans: many extents of one buffer, one mapping ----
+
+/**
+ * Two buffers of `bytes` with equal random bytes except page 4k of each, which differs (the
+ * `volatile` benchmark's pattern): duplicates come in runs of 3 pages, [4k + 1, 4k + 4).
+ */
+function fragmentedPair(arena: InstanceType<typeof native.Arena>, bytes: number, seed: number) {
+  const { a, b } = pair(arena, bytes, seed)
+  const other = fillRandom(new Uint8Array(bytes), seed + 1)
+  for (let p = 0; p < bytes / PAGE; p += 4) b.set(other.subarray(p * PAGE, (p + 1) * PAGE), p * PAGE)
+  return { a, b }
+}
+
+/** What the coordinator does with a fragmented pair: stabilizes a's 3-page runs, merges b's onto them. */
+function mergeRuns(arena: InstanceType<typeof native.Arena>, a: Uint8Array, b: Uint8Array, budget = BUDGET) {
+  const runs = a.byteLength / PAGE / 4
+  const st = new Uint32Array(runs * 4), mg = new Uint32Array(runs * 4), pool = new Uint32Array(runs)
+  for (let k = 0; k < runs; k++) st.set([arena.idOf(a), 4 * k + 1, 3, 1], 4 * k)
+  const stStatus = new Int32Array(runs), mgStatus = new Int32Array(runs)
+  const stabilized = arena.stabilize(st, stStatus, budget, pool)
+  for (let k = 0; k < runs; k++) mg.set([arena.idOf(b), 4 * k + 1, pool[k]!, 3], 4 * k)
+  const made = mg.filter((_, i) => i % 4 !== 2 || pool[i >> 2] !== NO_POOL)
+  const merged = arena.merge(made.length === mg.length ? mg : made, mgStatus, budget)
+  return { stabilized, merged, stStatus, mgStatus, pool }
+}
+
+const statesOf = (arena: InstanceType<typeof native.Arena>, buf: Uint8Array, first: number, count: number) => {
+  const states = new Uint8Array(count), pools = new Uint32Array(count)
+  arena.pageStates(buf, first, count, states, pools)
+  return { states, pools }
+}
+
+for (const spans of [true, false]) {
+  t.test(`32 MiB duplicates in 3-page runs merge as ${spans ? 'spans: a few mappings' : 'separate extents (PAGEMERGE_NO_SPANS=1): a mapping or two per run'}`, async (t) => {
+    if (spans) delete process.env.PAGEMERGE_NO_SPANS
+    else process.env.PAGEMERGE_NO_SPANS = '1'
+    const arena = new native.Arena()
+    delete process.env.PAGEMERGE_NO_SPANS
+    const { a, b } = fragmentedPair(arena, 32 * MiB, 11)
+    const da = digest(a), db = digest(b)
+    touch(a, b)
+    const before = { pss: smapsRollup().Pss, maps: native.mappingCount() }
+    const { stabilized, merged, stStatus, mgStatus } = mergeRuns(arena, a, b)
+    const maps = native.mappingCount()
+    touch(a, b)
+    const freed = before.pss - smapsRollup().Pss
+    t.comment(`mappings ${before.maps} -> ${maps} (+${maps - before.maps}); Pss -${(freed / MiB).toFixed(1)} MiB`)
+    t.equal(digest(a), da, 'first buffer reads back its bytes')
+    t.equal(digest(b), db, 'second buffer reads back its bytes')
+    if (!spans) {
+      // Before spans: 2048 runs in each buffer, each its own mapping between two more.
+      t.ok(maps - before.maps > 4000, 'thousands of mappings')
+      return
+    }
+    t.equal(stabilized, 6144, 'every run stabilized')
+    t.equal(merged, 6144, 'every run merged')
+    t.ok(stStatus.every((s) => s === Status.OK) && mgStatus.every((s) => s === Status.OK), 'every extent OK')
+    // A span is at most 1024 pages (writers wait while it is protected) and a span whose gap
+    // pages hold private copies does not join its neighbour: 8 spans in each buffer, each
+    // between two pieces of the old mapping.
+    t.ok(maps - before.maps <= 34, `mappings grew by ${maps - before.maps} (<= 34: 16 spans of 4 MiB)`)
+    t.ok(freed >= 0.7 * 24 * MiB, `Pss fell by ${(freed / MiB).toFixed(1)} MiB (>= 0.7 x 24 MiB)`)
+    // plus the gap pages before each span (pages 0, 1024, ... of each buffer), still in their windows
+    t.equal(arena.stats().arenaBytes, 24 * MiB + 16 * PAGE, 'the file holds the pool pages and no gap copy: those are anonymous, no hole was filled')
+    t.equal(arena.stats().poolPages, 6144, 'a pool page per merged pair')
+    const sa = statesOf(arena, a, 0, 8192), sb = statesOf(arena, b, 0, 8192)
+    let gapsWritten = 0, runsMerged = 0
+    for (let p = 0; p < 8192; p++) {
+      if (p % 4 === 0) gapsWritten += +(sa.states[p] === PageState.WRITTEN && sb.states[p] === PageState.WRITTEN)
+      else runsMerged += +(sa.states[p] === PageState.MERGED && sb.states[p] === PageState.MERGED && sa.pools[p] === sb.pools[p])
+    }
+    // gaps at a span's edge (page 0 and between spans) keep their old mapping
+    t.ok(gapsWritten >= 2048 - 16, `${gapsWritten} gap pages are private copies inside spans`)
+    t.equal(runsMerged, 6144, 'every run maps its pool pages in both buffers')
+    if (isRoot) {
+      const pa = new BigUint64Array(8192), pb = new BigUint64Array(8192)
+      native.pagemap(a, 0, 8192, pa)
+      native.pagemap(b, 0, 8192, pb)
+      const pfn = (e: bigint) => e & ((1n << 55n) - 1n)
+      let same = 0, gapsApart = 0
+      for (let i = 0; i < 8192; i++) {
+        if (i % 4 !== 0) same += +(pfn(pa[i]!) !== 0n && pfn(pa[i]!) === pfn(pb[i]!))
+        else gapsApart += +(pfn(pa[i]!) !== pfn(pb[i]!))
+      }
+      t.equal(same, 6144, 'every merged pair shares one page frame')
+      t.equal(gapsApart, 2048, 'no gap page shares one')
+    }
+
+    // writes stay private: into a gap page and into a merged page of each buffer
+    const ea = new Uint8Array(a), eb = new Uint8Array(b) // what each should read
+    for (const [buf, shadow, at] of [[a, ea, 8 * PAGE + 5], [b, eb, 8 * PAGE + 6], [a, ea, 9 * PAGE + 7], [b, eb, 10 * PAGE + 8]] as const) {
+      buf[at] = buf[at]! ^ 0x5a
+      shadow[at] = buf[at]!
+    }
+    t.equal(Buffer.compare(a, ea), 0, 'a reads its own writes, in a gap page and a merged page')
+    t.equal(Buffer.compare(b, eb), 0, 'b reads its own writes, and none of a\'s')
+    t.equal(arena.reapWritten(new Uint32Array([arena.idOf(a), 0, 8192, arena.idOf(b), 0, 8192])), 2, 'the two written merged pages leave the pool; gap pages were never in it')
+
+    // gap pages merge, drop and unmerge later like any page
+    b.set(a.subarray(12 * PAGE, 13 * PAGE), 12 * PAGE) // b's gap page 12 = a's
+    eb.set(a.subarray(12 * PAGE, 13 * PAGE), 12 * PAGE)
+    const status = new Int32Array(1), pool = new Uint32Array(1)
+    t.equal(arena.stabilize(new Uint32Array([arena.idOf(a), 12, 1, 1]), status, BUDGET, pool), 1, 'a gap page becomes a pool page (copied)')
+    t.equal(arena.merge(new Uint32Array([arena.idOf(b), 12, pool[0]!, 1]), status, BUDGET), 1, 'and the other\'s gap page merges onto it')
+    t.equal(statesOf(arena, b, 12, 1).states[0], PageState.MERGED, 'merged')
+    b.fill(0, 16 * PAGE, 17 * PAGE)
+    eb.fill(0, 16 * PAGE, 17 * PAGE)
+    t.equal(arena.dropZero(new Uint32Array([arena.idOf(b), 16, 1]), status, BUDGET), 1, 'a gap page written with zeros is dropped')
+    t.equal(statesOf(arena, b, 16, 1).states[0], PageState.ANON, 'as fresh anonymous memory')
+    t.equal(Buffer.compare(a, ea), 0, 'a reads right')
+    t.equal(Buffer.compare(b, eb), 0, 'b reads right')
+    t.equal(arena.unmerge(new Uint32Array([arena.idOf(a), 0, 8192, arena.idOf(b), 0, 8192]), new Int32Array(2), BUDGET), 16384 - 1, 'unmerge makes every page private again')
+    t.equal(Buffer.compare(a, ea), 0, 'a reads its bytes after unmerging')
+    t.equal(Buffer.compare(b, eb), 0, 'b reads its bytes after unmerging')
+    t.equal(arena.stats().poolPages, 0, 'no pool page left')
+    t.equal(arena.stats().arenaBytes, 0, 'and the file is empty')
+  })
+}
+
+t.test('a span with extents that no longer match: those are reported and keep their bytes', async (t) => {
+  const arena = new native.Arena()
+  const { a, b } = fragmentedPair(arena, 4 * MiB, 12)
+  const runs = 256
+  const st = new Uint32Array(runs * 4), pool = new Uint32Array(runs)
+  for (let k = 0; k < runs; k++) st.set([arena.idOf(a), 4 * k + 1, 3, 1], 4 * k)
+  arena.stabilize(st, new Int32Array(runs), BUDGET, pool)
+  // b changes in runs 5 (inside the span), 0 and 255 (its ends, so the span shrinks to 1..254)
+  for (const k of [0, 5, 255]) b[(4 * k + 2) * PAGE + 9] = b[(4 * k + 2) * PAGE + 9]! ^ 1
+  const db = digest(b), da = digest(a)
+  const mg = new Uint32Array(runs * 4), status = new Int32Array(runs)
+  for (let k = 0; k < runs; k++) mg.set([arena.idOf(b), 4 * k + 1, pool[k]!, 3], 4 * k)
+  const maps = native.mappingCount()
+  t.equal(arena.merge(mg, status, BUDGET), 3 * (runs - 3), 'every matching run merged')
+  t.same([status[0], status[5], status[255]], [Status.MISMATCH, Status.MISMATCH, Status.MISMATCH], 'the changed runs are reported')
+  t.equal(status.filter((s) => s === Status.OK).length, runs - 3, 'the others are OK')
+  t.ok(native.mappingCount() - maps <= 2, `one span: ${native.mappingCount() - maps} mappings more`)
+  t.equal(digest(b), db, 'b reads back its bytes, changed runs included')
+  t.equal(digest(a), da, 'a too')
+  const s = statesOf(arena, b, 0, 1024)
+  t.same([s.states[1], s.states[21], s.states[1021]], [PageState.SHARED, PageState.WRITTEN, PageState.SHARED], 'a run inside the span became private copies; those outside it are untouched')
+  const refs = new Uint32Array(3)
+  arena.poolRefs(pool[5]!, 3, refs)
+  t.same([...refs], [1, 1, 1], 'the refused run\'s pool pages are mapped by their owner only')
+  // a's 768 pool pages and its page 0 (before its span), b's pages 0-4 and 1020-1023 (outside its span)
+  t.equal(arena.stats().arenaBytes, (768 + 1 + 9) * PAGE, 'the file holds pool pages and the window pages outside the spans only')
+})

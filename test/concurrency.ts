@@ -3,7 +3,7 @@
 // remap), and a read(2) into a page being merged waits rather than failing.
 import t from 'tap'
 import { once } from 'node:events'
-import { writeFileSync, mkdtempSync, rmSync } from 'node:fs'
+import { readFileSync, writeFileSync, mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { Worker } from 'node:worker_threads'
@@ -13,7 +13,8 @@ import { fillRandom, MiB } from './fixtures/util'
 
 const WRITER = resolve(__dirname, 'fixtures/stress-writer.js')
 const SECONDS = Number(process.env.PAGEMERGE_STRESS_SECONDS ?? 20)
-const protection = new (loadNative().Arena)().stats().writeProtection
+const native = loadNative()
+const protection = new native.Arena().stats().writeProtection
 
 /** The duration under which `share` of the writes finished, in ms, from a microsecond histogram. */
 function percentile(hist: Float64Array, share: number): number {
@@ -93,6 +94,73 @@ t.test('a write that races the merge of its page is never lost', async (t) => {
   t.ok(writes > 100 && runs > 100, 'writes and merges interleaved')
   t.equal(lost, 0, 'no write was undone by a merge')
   t.equal(Buffer.compare(a, b), 0, 'and the buffers end as they began')
+})
+
+t.test('a write that races the merge of a span, into a gap page or a merged page, is never lost', async (t) => {
+  // Like the test above, with duplicates in 3-page runs (every 4th page of b differs from a's), so
+  // that b's runs merge as one span (one mapping) whose gap pages get private copies. Another
+  // thread makes b's pages private again (the same bytes), writes a byte of merged page 9 and
+  // checks for 2 ms that it stays, meanwhile writing a counter into gap page 8 as fast as it can
+  // and reading each value back. A write landing between a gap page's copy (or a merged page's
+  // comparison) and the remap would be undone without write protection.
+  const pm = new PageMerger({ workers: 1 })
+  t.teardown(() => pm.close())
+  const a = fillRandom(pm.alloc(2 * MiB), 91), b = pm.alloc(2 * MiB)
+  b.set(a)
+  const other = fillRandom(new Uint8Array(2 * MiB), 92)
+  for (let p = 0; p < 512; p += 4) b.set(other.subarray(p * 4096, (p + 1) * 4096), p * 4096)
+  const original = new Uint8Array(b)
+  const stop = new SharedArrayBuffer(4)
+  const writer = new Worker(
+    `const { parentPort, workerData: { buffer, original, stop } } = require('node:worker_threads')
+    const b = new Uint8Array(buffer), o = new Uint8Array(original), flag = new Int32Array(stop), pause = new Int32Array(new SharedArrayBuffer(4))
+    const gap = new Uint32Array(buffer, 8 * 4096, 1), merged = 9 * 4096 + 200
+    let writes = 0, lostGap = 0, lostMerged = 0, counter = gap[0], first = counter
+    while (Atomics.load(flag, 0) === 0) {
+      b.set(o.subarray(4096), 4096)
+      gap[0] = counter // which b.set() put back
+      Atomics.wait(pause, 0, 0, (writes % 4) / 2) // 0 to 1.5 ms: land at different moments of the merges
+      const w = (o[merged] + 1 + (writes % 250)) & 0xff
+      b[merged] = w
+      const until = performance.now() + 2
+      let lm = 0
+      while (performance.now() < until) {
+        for (let k = 0; k < 64; k++) {
+          if (gap[0] !== counter) lostGap++ // the last value written went back to an older one
+          gap[0] = ++counter
+        }
+        if (b[merged] !== w) lm = 1
+      }
+      lostMerged += lm
+      b[merged] = o[merged]
+      writes++
+    }
+    parentPort.postMessage({ writes, gapWrites: counter - first, lostGap, lostMerged })`,
+    { eval: true, workerData: { buffer: b.buffer, original: original.buffer, stop } },
+  )
+  const result = once(writer, 'message') as Promise<[{ writes: number; gapWrites: number; lostGap: number; lostMerged: number }]>
+  let runs = 0, merged = 0
+  const end = Date.now() + 3000
+  while (Date.now() < end) (merged += (await pm.mergeNow()).pagesSharing, runs++)
+  Atomics.store(new Int32Array(stop), 0, 1)
+  const [{ writes, gapWrites, lostGap, lostMerged }] = await result
+  t.comment(`write protection: ${protection}; ${runs} mergeNow() runs; undone: ${lostGap} of ${gapWrites} writes into the gap page, ${lostMerged} of ${writes} into the merged page`)
+  t.ok(writes > 100 && runs > 100, 'writes and merges interleaved')
+  t.ok(merged > 0, 'pages were merged')
+  t.equal(lostGap, 0, 'no write into a gap page was undone by a merge')
+  t.equal(lostMerged, 0, 'no write into a merged page was undone by a merge')
+  b.set(original.subarray(8 * 4096, 8 * 4096 + 4), 8 * 4096) // the counter
+  t.equal(Buffer.compare(original, b), 0, 'and the buffers end as they began')
+  // b's runs map as one span: once all of them are private again and merge in one call, its
+  // pages 1-511 are a single mapping
+  b.set(original.subarray(4096), 4096)
+  await pm.mergeNow()
+  const lo = native.addressOf(b) + 4096n, hi = native.addressOf(b) + BigInt(2 * MiB)
+  const inside = readFileSync('/proc/self/maps', 'utf8').split('\n').filter((l) => {
+    const [s, e] = l.split(' ')[0]!.split('-').map((x) => BigInt('0x' + (x || '0')))
+    return s! < hi && e! > lo
+  })
+  t.equal(inside.length, 1, `b's pages 1-511 are one mapping: ${inside.join(' | ')}`)
 })
 
 t.test('read(2) into a buffer while its pages are merged: the system call waits, never fails or is lost', { skip: protection !== 'full' && `write protection is '${protection}' here: a system call into a page being merged would fail with EFAULT` }, async (t) => {

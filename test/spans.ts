@@ -1,0 +1,61 @@
+// Spans through the coordinator: duplicates fragmented into 3-page runs (the `volatile`
+// benchmark's pattern) merge within a tight mapping budget, because the bridge maps each run of
+// same-delta extents with small gaps as one mapping instead of one (or two) per extent.
+import t from 'tap'
+import { PageMerger, smapsRollup } from '../lib/index'
+import { loadNative } from '../lib/native'
+import { digest, fillRandom, MiB, PAGE } from './fixtures/util'
+
+const native = loadNative()
+const BYTES = 32 * MiB // two buffers: a 64 MiB workload
+const PAGES = BYTES / PAGE
+const MERGEABLE = (PAGES * 3) / 4 // every 4th page differs between the two
+
+const touch = (...bufs: Uint8Array[]) => bufs.forEach((b) => native.hashPages(b, 0, b.byteLength / PAGE, new BigUint64Array(b.byteLength / PAGE), 0))
+
+async function run(spans: boolean) {
+  if (spans) delete process.env.PAGEMERGE_NO_SPANS
+  else process.env.PAGEMERGE_NO_SPANS = '1' // read when the PageMerger's arena is made
+  const pm = new PageMerger({ workers: 1 })
+  delete process.env.PAGEMERGE_NO_SPANS
+  try {
+    const warm = [pm.alloc(MiB), pm.alloc(MiB)]
+    fillRandom(warm[0]!, 40)
+    warm[1]!.set(warm[0]!)
+    await pm.mergeNow() // the worker threads are up: their stacks are mappings too
+    const a = fillRandom(pm.alloc(BYTES), 41), b = fillRandom(pm.alloc(BYTES), 43)
+    await pm.mergeNow() // nothing to merge yet: the coordinator's own tables and heap grow (mappings too)
+    b.set(a)
+    const other = fillRandom(new Uint8Array(BYTES), 42)
+    for (let p = 3; p < PAGES; p += 4) b.set(other.subarray(p * PAGE, (p + 1) * PAGE), p * PAGE)
+    const da = digest(a), db = digest(b)
+    touch(a, b)
+    const pss = smapsRollup().Pss, sharing = pm.stats().pagesSharing
+    const budget = native.mappingCount() + 300
+    pm.setOptions({ mapBudget: budget })
+    const s = await pm.mergeNow()
+    const maps = native.mappingCount()
+    touch(a, b)
+    const freed = pss - smapsRollup().Pss
+    return { merged: s.pagesSharing - sharing, skipped: s.pagesSkippedBudget, freed, maps, budget, intact: digest(a) === da && digest(b) === db }
+  } finally {
+    await pm.close()
+  }
+}
+
+t.test(`64 MiB in 3-page runs, mapBudget = mappings + 300: mergeNow() merges >= 95% of the ${MERGEABLE} mergeable pages`, async (t) => {
+  const r = await run(true)
+  t.comment(`spans: ${r.merged} pages merged, ${r.skipped} skipped for the budget, Pss -${(r.freed / MiB).toFixed(1)} MiB, mappings ${r.maps} of ${r.budget}`)
+  t.ok(r.merged >= 0.95 * MERGEABLE, `${r.merged} pages merged`)
+  t.ok(r.freed >= 0.9 * r.merged * PAGE, `and Pss agrees: ${(r.freed / MiB).toFixed(1)} MiB freed for ${((r.merged * PAGE) / MiB).toFixed(1)} MiB merged`)
+  t.ok(r.maps <= r.budget, 'the budget held')
+  t.ok(r.intact, 'every byte of both buffers reads back')
+})
+
+t.test('the same without spans (PAGEMERGE_NO_SPANS=1): the budget stops it early', async (t) => {
+  const r = await run(false)
+  t.comment(`no spans: ${r.merged} pages merged, ${r.skipped} skipped for the budget, Pss -${(r.freed / MiB).toFixed(1)} MiB, mappings ${r.maps} of ${r.budget}`)
+  t.ok(r.merged < 0.2 * MERGEABLE, `only ${r.merged} pages merged`)
+  t.ok(r.skipped > 0, 'the rest were left to the budget')
+  t.ok(r.intact, 'every byte of both buffers reads back')
+})
