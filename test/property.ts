@@ -15,8 +15,10 @@
 import t, { type Test } from 'tap'
 import * as fc from 'fast-check'
 import { createHash } from 'node:crypto'
+import { spawnSync } from 'node:child_process'
 import { once } from 'node:events'
 import { readFileSync } from 'node:fs'
+import { join } from 'node:path'
 import { Worker } from 'node:worker_threads'
 import { ErrorCode, PageMerger, type PageMergerOptions, type ResolvedOptions, type Stats } from '../lib/index'
 import { fillRandom, gcUntil, MiB, PAGE } from './fixtures/util'
@@ -530,14 +532,30 @@ function forget(m: Model, r: Real, i: number): WeakRef<ArrayBufferLike> {
 }
 
 /**
- * Dropped buffers still tracked 5 s of GCs later. After a few dozen runs in one process, V8's
- * WeakRef keep-during-job list stops being cleared (a heap snapshot shows the dropped buffer held
- * only by `weak_refs_keep_during_job`), so PageMerger's WeakRef.deref() calls keep buffers alive
- * and its FinalizationRegistry never hears of them. Reported by a todo assertion (issue #7)
- * unless PAGEMERGE_PROPERTY_STRICT_GC=1, which fails the run and shrinks it.
+ * Dropped buffers still tracked 5 s of GCs later: their FinalizationRegistry callback did not run.
+ * It happened after a few dozen runs in one process, and then in every later run, because of how
+ * V8 (11.3, Node 20) schedules those callbacks: one cleanup task at a time for the whole isolate
+ * (Heap::is_finalization_registry_cleanup_task_posted_). The finally below used to end each run
+ * with gc(): the run's buffers die, the PageMerger's registry goes on V8's (weak) list of dirty
+ * registries and a cleanup task is posted. If the next full GC comes before the event loop turns
+ * (the next run allocates in microtasks), the PageMerger, closed and dropped, is collected with
+ * its registry, which leaves the dirty list; the task then finds the list empty and returns
+ * without clearing the flag, so no cleanup task is ever posted again and no FinalizationRegistry
+ * in the process gets another callback. (A registry kept alive, or one more live dirty registry,
+ * avoids it; FinalizationRegistry.prototype.cleanupSome still finds the pending callbacks.) Each
+ * run therefore waits, its PageMerger still alive, until its registry has nothing left pending.
+ * With PAGEMERGE_PROPERTY_STRICT_GC=1 a stall fails the run at once, so that it is shrunk.
  */
 const finalizerStalls: string[] = []
 const STRICT_GC = Boolean(env.PAGEMERGE_PROPERTY_STRICT_GC)
+
+/** Whether a new FinalizationRegistry still gets its callback within 20 GCs and event-loop turns. */
+async function finalizersRun(): Promise<boolean> {
+  let fired = false
+  const probe = new FinalizationRegistry(() => (fired = true))
+  ;(() => probe.register({}, 0))()
+  return gcUntil(() => fired, 500)
+}
 
 /** Forgets a buffer; with `collect`, waits until the GC has taken it and its pages are untracked. */
 class Drop implements Cmd {
@@ -556,8 +574,8 @@ class Drop implements Cmd {
       if (!ok) {
         const alive = gone?.deref() !== undefined
         const msg = alive
-          ? `${this}: the dropped buffer is still alive, pagesTracked ${r.pm.stats().pagesTracked}, want ${want} (seen held by V8's WeakRef keep-during-job list)`
-          : `${this}: the dropped buffer was collected, yet pagesTracked is ${r.pm.stats().pagesTracked}, want ${want} (its FinalizationRegistry callback did not run)`
+          ? `${this}: the dropped buffer is still alive, pagesTracked ${r.pm.stats().pagesTracked}, want ${want}`
+          : `${this}: the dropped buffer was collected, yet pagesTracked is ${r.pm.stats().pagesTracked}, want ${want} (its FinalizationRegistry callback did not run${await finalizersRun() ? '' : '; nor does a new registry\'s: V8 posts no more cleanup tasks in this process'})`
         if (STRICT_GC) fail(msg)
         finalizerStalls.push(msg)
       } else r.pendingPages = 0
@@ -596,6 +614,7 @@ const property = fc.asyncProperty(optionsArb, fc.commands(commandArbs, { maxComm
   const pm = new PageMerger(resolveSpec({ workers: 1, ...initial }))
   const model: Model = { entries: [], running: false }
   const real: Real = { pm, bufs: [], pendingPages: 0 }
+  let passed = false
   try {
     await fc.asyncModelRun(() => ({ model, real }), cmds)
     await withTimeout(pm.close(), 'close()')
@@ -604,10 +623,19 @@ const property = fc.asyncProperty(optionsArb, fc.commands(commandArbs, { maxComm
     model.entries.forEach((e, i) => {
       if (Buffer.compare(real.bufs[i]!, e.model) !== 0) fail(`after close(): buffer ${i} differs from its model at byte ${firstDiff(real.bufs[i]!, e.model)}`)
     })
+    passed = true
   } finally {
     await withTimeout(pm.close(), 'close() after a failure')
     real.bufs.length = 0
-    gc()
+    // Every buffer of the run is dropped: wait, this PageMerger alive, until its registry has run
+    // every callback (pagesTracked 0), not just gc(). A registry collected while V8 has a cleanup
+    // task pending for it stops all FinalizationRegistry callbacks in the process (see above).
+    // (Shorter after a failure, which is reported as it is: shrinking replays many failing runs.)
+    if (!(await gcUntil(() => pm.stats().pagesTracked === 0, passed ? 5000 : 1000)) && passed) {
+      const msg = `after the run: every buffer dropped, yet pagesTracked is ${pm.stats().pagesTracked}${await finalizersRun() ? '' : ' (and a new FinalizationRegistry gets no callback either)'}`
+      finalizerStalls.push(msg)
+      if (STRICT_GC) fail(msg)
+    }
   }
 })
 
@@ -636,7 +664,46 @@ async function check(t: Test): Promise<void> {
 t.test(`random command sequences keep every buffer equal to its model (${SECONDS} s, at most ${RUNS} runs)`, async (t) => {
   await check(t)
   if (finalizerStalls.length > 0) t.comment(`${finalizerStalls.length} dropped buffers stayed tracked; the first: ${finalizerStalls[0]}`)
-  t.same(finalizerStalls, [], 'every collected buffer leaves pagesTracked', {
-    todo: finalizerStalls.length > 0 ? 'issue #7: dropped buffers stay tracked once the WeakRef keep-during-job list stops being cleared' : false,
+  t.same(finalizerStalls, [], 'every collected buffer leaves pagesTracked')
+})
+
+/**
+ * The V8 behaviour above, outside the test: an application that drops a closed PageMerger in the
+ * same job as GCs that collect its last buffers. In a child process, which it may leave with no
+ * FinalizationRegistry callbacks at all. The fix is in lib/engine.ts (one registry for every
+ * PageMerger, kept for the life of the module, so that none is collected with callbacks pending).
+ */
+t.test('dropping a PageMerger whose buffers were just collected leaves FinalizationRegistry callbacks running', async (t) => {
+  const script = `
+    const { PageMerger } = require(${JSON.stringify(join(__dirname, '..', 'lib', 'index'))})
+    const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
+    ;(async () => {
+      let pm = new PageMerger({ workers: 1 })
+      let bufs = [pm.alloc(4096), pm.alloc(4096)]
+      await pm.close()
+      bufs = null
+      gc() // its buffers die: V8 posts a cleanup task for the PageMerger's registry
+      if (process.argv[1] === 'turn') await sleep(10) // the task runs first
+      pm = null
+      gc() // the PageMerger dies too (at once, or after the task)
+      await sleep(10)
+      let fired = 0
+      const fr = new FinalizationRegistry(() => fired++)
+      ;(() => { for (let i = 0; i < 10; i++) fr.register({}, i) })()
+      for (let k = 0; k < 50 && fired < 10; k++) { gc(); await sleep(10) }
+      console.log(JSON.stringify({ fired }))
+    })()`
+  const TS_NODE = require.resolve('@isaacs/ts-node-temp-fork-for-pr-2009/register/transpile-only')
+  const fired = (how: string) => {
+    const r = spawnSync(process.execPath, ['--expose-gc', '-r', TS_NODE, '-e', script, how], { encoding: 'utf8', env: { ...env, NODE_OPTIONS: '' }, timeout: 60_000 })
+    try {
+      return (JSON.parse(r.stdout) as { fired: number }).fired
+    } catch {
+      return `exit ${r.status} ${r.signal ?? ''}: ${r.stdout} ${r.stderr}`
+    }
+  }
+  t.equal(fired('turn'), 10, 'dropped after an event-loop turn: a new registry gets its 10 callbacks')
+  t.equal(fired('at-once'), 10, 'dropped in the same job: a new registry gets its 10 callbacks', {
+    todo: 'V8 11.3 posts no more cleanup tasks once a registry with one pending is collected; lib/engine.ts has one registry per PageMerger',
   })
 })
