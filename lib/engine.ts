@@ -52,6 +52,13 @@ export interface Stats {
    */
   kernelMergingPages: number
   kernelZeroPages: number
+  /**
+   * What a write from another thread meets while its page is being merged: 'full', it waits (and
+   * so do system calls such as read(2) into the buffer); 'user', threads wait but such a system
+   * call fails with EFAULT (userfaultfd in user mode, what an unprivileged process may get);
+   * 'none', no userfaultfd: merge only buffers that nothing writes meanwhile.
+   */
+  writeProtection: 'full' | 'user' | 'none'
 }
 
 /** What mergeNow() reports to onProgress after each batch. */
@@ -1040,7 +1047,8 @@ export class Engine {
     const { chains, dups } = st.chains()
     const shared = st.live
     const tracked = this.regions.reduce((s, r) => s + r.pages, 0)
-    const metadata = this.pages.bytes() + st.bytes() + this.unstable.bytes() + this.arena.stats().metadataBytes
+    const bridge = this.arena.stats()
+    const metadata = this.pages.bytes() + st.bytes() + this.unstable.bytes() + bridge.metadataBytes
     const sharing = this.sharersTotal - shared
     const kernel: ProcessKsm = this.options.engine === 'userspace' ? {} : this.kernel.processCounters()
     return {
@@ -1060,6 +1068,7 @@ export class Engine {
       unmergeBytes: sharing * PAGE_SIZE,
       kernelMergingPages: kernel.mergingPages ?? 0,
       kernelZeroPages: kernel.zeroPages ?? 0,
+      writeProtection: bridge.writeProtection,
     }
   }
 

@@ -293,6 +293,15 @@ async function mergedPair(t: Test, seed: number) {
   return { pm, a, b, d }
 }
 
+t.test('stats().writeProtection says what the bridge has: full as root', async (t) => {
+  const pm = new PageMerger({ workers: 1 })
+  t.teardown(() => pm.close())
+  const mode = pm.stats().writeProtection
+  t.equal(mode, new (loadNative().Arena)().stats().writeProtection, 'the same mode as a bridge arena of this process')
+  if (isRoot) t.equal(mode, 'full', 'as root, every writer waits, system calls included')
+  else t.ok(['full', 'user', 'none'].includes(mode), `not root: ${mode}`)
+})
+
 t.test('fs.readSync into a merged buffer changes only that buffer', async (t) => {
   const { pm, a, b, d } = await mergedPair(t, 7)
   const dir = mkdtempSync(join(tmpdir(), 'pagemerge-'))
