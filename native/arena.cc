@@ -344,6 +344,31 @@ struct ArenaCore {
     return c == 0 ? kOk : c != -2 ? kMismatch : -(errno ? errno : EIO);
   }
 
+  // Maps file pages [filePage, filePage + count) MAP_PRIVATE at an address of the kernel's choice,
+  // congruent to `like` modulo 2 MiB when the run is that long: moving the mapping over `like`
+  // with mremap then moves whole page tables instead of one entry at a time. It is one mapping at
+  // every moment (the reservation is trimmed before the file is mapped over it). MAP_FAILED, with
+  // errno, on failure.
+  void* MapStaging(const uint8_t* like, uint64_t filePage, uint64_t count) {
+    constexpr uintptr_t kPmd = 2u << 20;
+    const size_t len = count * kPage;
+    const off_t off = static_cast<off_t>(filePage * kPage);
+    if (len < kPmd) return mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, off);
+    void* r = mmap(nullptr, len + kPmd, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (r == MAP_FAILED) return MAP_FAILED;
+    uintptr_t lo = reinterpret_cast<uintptr_t>(r), at = lo - lo % kPmd + reinterpret_cast<uintptr_t>(like) % kPmd;
+    if (at < lo) at += kPmd;
+    if (at > lo) munmap(r, at - lo);
+    if (lo + len + kPmd > at + len) munmap(reinterpret_cast<void*>(at + len), lo + len + kPmd - at - len);
+    void* m = mmap(reinterpret_cast<void*>(at), len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, fd, off);
+    if (m == MAP_FAILED) {
+      int err = errno;
+      munmap(reinterpret_cast<void*>(at), len);
+      errno = err;
+    }
+    return m;
+  }
+
   // Whether `cost` more mappings fit under `budget`; if so they are counted as taken. The
   // process's mappings are counted again (reading /proc/self/maps costs ~1 µs per mapping) when
   // the estimate is a second old, or near the budget and either holds our own worst cases or is
@@ -909,18 +934,36 @@ class Arena : public Napi::ObjectWrap<Arena> {
         continue;
       }
       uint8_t* dst = a->base + page * kPage;
+      // The new mapping is made first, aside (staging), and the run is compared with the pool pages
+      // through it: the comparison's read faults populate the very mapping that then moves over
+      // the run (mremap), so the pool bytes are neither copied (pread) nor faulted twice (after the
+      // merge). It is one more mapping for a moment: taken only when the budget has room for it.
+      uint8_t* stage = nullptr;
+      if (c.mappings >= 0 && static_cast<double>(c.mappings + 1) <= budget) {
+        void* m = c.MapStaging(dst, poolPage, count);
+        if (m == MAP_FAILED) {
+          ex.status[i] = -errno;
+          continue;
+        }
+        stage = static_cast<uint8_t*>(m);
+      }
       ProtectedRange hold(c.wp, dst, len);  // from the comparison to the remap, writers wait
       if (hold.error()) {
+        if (stage) munmap(stage, len);
         ex.status[i] = -hold.error();
         continue;
       }
-      if (int32_t v = c.Verify(dst, poolPage, count); v != kOk) {
+      int32_t v = stage ? (std::memcmp(dst, stage, len) == 0 ? kOk : kMismatch) : c.Verify(dst, poolPage, count);
+      if (v != kOk) {
+        if (stage) munmap(stage, len);
         ex.status[i] = v;
         continue;
       }
-      void* p = mmap(dst, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, c.fd, static_cast<off_t>(poolPage * kPage));
+      void* p = stage ? mremap(stage, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, dst)
+                      : mmap(dst, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, c.fd, static_cast<off_t>(poolPage * kPage));
       if (p == MAP_FAILED) {
         ex.status[i] = -errno;
+        if (stage) munmap(stage, len);
         continue;
       }
       hold.Remapped();
@@ -1232,7 +1275,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     auto failAll = [&](int err) {
       for (const SpanExt& e : es) status[e.index] = -err;
     };
-    void* m = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE, c.fd, static_cast<off_t>(file * kPage));
+    void* m = c.MapStaging(dst, file, pages);
     if (m == MAP_FAILED) {
       failAll(errno);
       return 0;
@@ -1251,7 +1294,10 @@ class Arena : public Napi::ObjectWrap<Arena> {
     size_t lo = es.size(), hi = 0;  // the first and last extents that matched
     for (size_t i = 0; i < es.size(); i++) {
       const SpanExt& e = es[i];
-      int32_t v = verify ? c.Verify(dst + (e.page - first) * kPage, e.file, e.count) : kOk;
+      // The staging mapping's extent pages are the pool pages themselves (never written through
+      // it): compared there, their read faults populate the mapping that moves over the span.
+      const size_t at = (e.page - first) * kPage;
+      int32_t v = verify && std::memcmp(dst + at, stage + at, e.count * kPage) != 0 ? kMismatch : kOk;
       status[e.index] = v;
       if (v == kOk) {
         lo = std::min(lo, i);
