@@ -567,6 +567,12 @@ bool GapOk(const Allocation& a, uint64_t from, uint64_t to) {
   return true;
 }
 
+bool AllZero(const uint8_t* p, uint64_t count) {
+  for (uint64_t k = 0; k < count; k++)
+    if (!IsZeroPage(p + k * kPage)) return false;
+  return true;
+}
+
 // The extents from `i` that form a span (at least two, with at least one gap page), into `out`;
 // `get(k, &e)` says whether extent k may be part of a span. Empty when extent i stands alone.
 template <class Get>
@@ -802,7 +808,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
         ex.status[i] = kGone;
         continue;
       }
-      Allocation* owner;
+      Allocation* owner = nullptr;
       FindSpan(i, ex.n, inPlace, &span, &owner);
       if (!span.empty()) {
         // One span costs two cuts (and the staging mapping until it moves). Its followers are
@@ -814,7 +820,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
           for (const SpanExt& e : span) ex.status[e.index] = kBudget;
         } else {
           c.reserved += follow;
-          done += ApplySpan(*owner, span, false, ex.status, poolOut);
+          done += ApplySpan(*owner, span, kSpanStabilize, ex.status, poolOut);
         }
         i = span.back().index;
         continue;
@@ -906,7 +912,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
         ex.status[i] = kGone;
         continue;
       }
-      Allocation* owner;
+      Allocation* owner = nullptr;
       FindSpan(i, ex.n, mergeable, &span, &owner);
       if (!span.empty()) {
         // Each extent may come with the cuts stabilize() reserved for it; the span costs two cuts
@@ -923,7 +929,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
           i = span.back().index;
           continue;
         }
-        done += ApplySpan(*owner, span, true, ex.status, nullptr);
+        done += ApplySpan(*owner, span, kSpanMerge, ex.status, nullptr);
         i = span.back().index;
         continue;
       }
@@ -990,11 +996,29 @@ class Arena : public Napi::ObjectWrap<Arena> {
     std::vector<Allocation*> alloc;
     if (!ResolveAll(env, ex, 3, 2, &alloc)) return Napi::Value();
     uint64_t done = 0;
+    // File-backed runs (anonymous ones drop in place, at no mapping's cost) with small gaps between
+    // become one anonymous span: sparse zero pages would otherwise cost a mapping or two per run.
+    auto remapped = [&](size_t k, SpanExt* e, Allocation** owner) {
+      const uint32_t* r = ex.rec + k * 3;
+      Allocation* a = alloc[k];
+      if (!c.spans || !a || AllState(*a, r[1], r[2], kAnon) || !AllSpanState(*a, r[1], r[2])) return false;
+      *e = SpanExt{k, r[1], r[2], r[1], 0};
+      *owner = a;
+      return true;
+    };
+    std::vector<SpanExt> span;
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 3;
       Allocation* a = alloc[i];
       if (!a) {
         ex.status[i] = kGone;
+        continue;
+      }
+      Allocation* owner = nullptr;
+      FindSpan(i, ex.n, remapped, &span, &owner);
+      if (!span.empty() && c.Fits(kCuts + 1, budget)) {  // else: one extent at a time, as below
+        done += ApplySpan(*owner, span, kSpanZero, ex.status, nullptr);
+        i = span.back().index;
         continue;
       }
       uint64_t page = r[1], count = r[2], len = count * kPage;
@@ -1016,9 +1040,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
         ex.status[i] = -hold.error();
         continue;
       }
-      bool zero = true;
-      for (uint64_t k = 0; k < count && zero; k++) zero = IsZeroPage(dst + k * kPage);
-      if (!zero) {
+      if (!AllZero(dst, count)) {
         ex.status[i] = kMismatch;
         continue;
       }
@@ -1251,22 +1273,27 @@ class Arena : public Napi::ObjectWrap<Arena> {
     return o;
   }
 
-  // Remaps the span `es` of allocation `a` as one MAP_PRIVATE mapping of the file (see FindSpan).
-  // `verify`: compare each extent with its file pages first (merge); an extent that differs is
-  // reported and left as gap pages, and the span shrinks to its first..last extent that matched.
-  // Sets the status of every extent (and poolOut, if given, for the ones done); returns the pages
-  // done. Nothing changes unless the final mremap succeeds.
-  uint64_t ApplySpan(Allocation& a, const std::vector<SpanExt>& es, bool verify, int32_t* status, uint32_t* poolOut) {
+  // What a span does to its extents: stabilize them in place or merge them onto pool pages (one
+  // MAP_PRIVATE mapping of the file), or drop them as zero pages (one anonymous mapping).
+  enum SpanKind { kSpanStabilize, kSpanMerge, kSpanZero };
+
+  // Remaps the span `es` of allocation `a` as one mapping (see FindSpan). Merge and zero spans
+  // check each extent first (its pool pages, or zero bytes); an extent that fails is reported and
+  // left as gap pages, and the span shrinks to its first..last extent that passed. Sets the status
+  // of every extent (and poolOut, if given, for the ones done); returns the pages done. Nothing
+  // changes unless the final mremap succeeds.
+  uint64_t ApplySpan(Allocation& a, const std::vector<SpanExt>& es, SpanKind kind, int32_t* status, uint32_t* poolOut) {
     ArenaCore& c = *core_;
+    const bool anon = kind == kSpanZero;
     const uint64_t first = es.front().page, pages = es.back().page + es.back().count - first, len = pages * kPage;
-    const uint64_t file = es.front().file;  // the file page that `first` will map
+    const uint64_t file = es.front().file;  // the file page that `first` will map (file spans)
     uint8_t* dst = a.base + first * kPage;
     std::vector<uint8_t> in(pages, 0);  // 1: the page is in an extent (that matched, once verified)
     for (const SpanExt& e : es) std::fill(in.begin() + (e.page - first), in.begin() + (e.page - first + e.count), 1);
     // A private write to a file hole allocates it in the file: the gap copies below do that to file
     // pages that hold nothing, which are punched again once the staging mapping is gone.
     std::vector<uint64_t> holes;
-    for (uint64_t k = 0; k < pages; k++)
+    for (uint64_t k = 0; k < pages && !anon; k++)
       if (!in[k] && !c.FileLive(file + k)) holes.push_back(file + k);
     auto punchHoles = [&] {
       Puncher p(c.fd, &c.punchFailures);
@@ -1275,7 +1302,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     auto failAll = [&](int err) {
       for (const SpanExt& e : es) status[e.index] = -err;
     };
-    void* m = c.MapStaging(dst, file, pages);
+    void* m = anon ? mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) : c.MapStaging(dst, file, pages);
     if (m == MAP_FAILED) {
       failAll(errno);
       return 0;
@@ -1297,7 +1324,9 @@ class Arena : public Napi::ObjectWrap<Arena> {
       // The staging mapping's extent pages are the pool pages themselves (never written through
       // it): compared there, their read faults populate the mapping that moves over the span.
       const size_t at = (e.page - first) * kPage;
-      int32_t v = verify && std::memcmp(dst + at, stage + at, e.count * kPage) != 0 ? kMismatch : kOk;
+      int32_t v = kind == kSpanMerge ? (std::memcmp(dst + at, stage + at, e.count * kPage) != 0 ? kMismatch : kOk)
+                  : kind == kSpanZero ? (AllZero(dst + at, e.count) ? kOk : kMismatch)
+                                      : kOk;
       status[e.index] = v;
       if (v == kOk) {
         lo = std::min(lo, i);
@@ -1336,11 +1365,15 @@ class Arena : public Napi::ObjectWrap<Arena> {
     for (size_t i = lo; i <= hi; i++) {
       const SpanExt& e = es[i];
       if (status[e.index] != kOk) continue;
-      if (!verify)  // stabilized in place: the window's own pages become the pool pages, not punched
+      done += e.count;
+      if (anon) {  // anonymous memory that was never written: reads map the kernel's zero page
+        c.Retarget(a, e.page, e.count, kNoPool, kAnon);
+        continue;
+      }
+      if (kind == kSpanStabilize)  // the window's own pages become the pool pages, not punched
         for (uint64_t k = 0; k < e.count; k++) a.state[e.page + k] = kAnon;
       c.Retarget(a, e.page, e.count, static_cast<uint32_t>(e.file), kMerged);
       if (poolOut) poolOut[e.index] = static_cast<uint32_t>(e.file);
-      done += e.count;
     }
     for (uint64_t k = from; k < to;) {  // the gap runs: private copies inside the file mapping
       if (in[k]) {
@@ -1349,7 +1382,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
       }
       uint64_t stop = k;
       while (stop < to && !in[stop]) stop++;
-      c.Retarget(a, first + k, stop - k, kNoPool, kWritten);
+      c.Retarget(a, first + k, stop - k, kNoPool, anon ? kAnon : kWritten);
       k = stop;
     }
     return done;

@@ -59,3 +59,57 @@ t.test('the same without spans (PAGEMERGE_NO_SPANS=1): the budget stops it early
   t.ok(r.skipped > 0, 'the rest were left to the budget')
   t.ok(r.intact, 'every byte of both buffers reads back')
 })
+
+// Zero pages the same way: three pages in four zero (the `sparse` benchmark's pattern). Each run
+// of zero pages in a memfd window must become anonymous memory to read as the kernel's zero page;
+// one anonymous span per up to 4 MiB (the fourth pages copied into it) keeps that within a tight
+// budget, where one mapping per run would leave most runs punched in place, which reading allocates.
+const ZEROS = (PAGES * 3) / 4
+
+async function sparse(spans: boolean) {
+  if (spans) delete process.env.PAGEMERGE_NO_SPANS
+  else process.env.PAGEMERGE_NO_SPANS = '1'
+  const pm = new PageMerger({ workers: 1 })
+  delete process.env.PAGEMERGE_NO_SPANS
+  try {
+    const warm = [pm.alloc(MiB), pm.alloc(MiB)]
+    fillRandom(warm[0]!, 50)
+    warm[1]!.set(warm[0]!)
+    await pm.mergeNow()
+    const z = fillRandom(pm.alloc(BYTES), 51)
+    await pm.mergeNow() // nothing to drop yet: the coordinator's tables grow first
+    for (let p = 0; p < PAGES; p++) if (p % 4 !== 3) z.fill(0, p * PAGE, (p + 1) * PAGE)
+    const dz = digest(z)
+    touch(z)
+    const pss = smapsRollup().Pss, zeros = pm.stats().zeroPages
+    const budget = native.mappingCount() + 300
+    pm.setOptions({ mapBudget: budget })
+    const s = await pm.mergeNow()
+    const maps = native.mappingCount()
+    touch(z) // every byte read back: a dropped page must read as the zero page, not be allocated again
+    const freed = pss - smapsRollup().Pss
+    const intact = digest(z) === dz
+    z[5 * PAGE] = 7 // a write into a dropped page gets a private page of its own
+    return { dropped: s.zeroPages - zeros, freed, maps, budget, intact, written: z[5 * PAGE] === 7 && z[4 * PAGE] === 0 && z[6 * PAGE] === 0 }
+  } finally {
+    await pm.close()
+  }
+}
+
+t.test(`32 MiB, three pages in four zero, mapBudget = mappings + 300: all ${ZEROS} zero pages dropped, and still free after reading`, async (t) => {
+  const r = await sparse(true)
+  t.comment(`spans: ${r.dropped} zero pages dropped, Pss -${(r.freed / MiB).toFixed(1)} MiB after reading every byte, mappings ${r.maps} of ${r.budget}`)
+  t.equal(r.dropped, ZEROS, 'every zero page dropped')
+  t.ok(r.freed >= 0.9 * ZEROS * PAGE, `Pss fell by ${(r.freed / MiB).toFixed(1)} MiB of ${((ZEROS * PAGE) / MiB).toFixed(1)} MiB, reads included`)
+  t.ok(r.maps <= r.budget, 'the budget held')
+  t.ok(r.intact, 'every byte reads back')
+  t.ok(r.written, 'a write into a dropped page lands, and only there')
+})
+
+t.test('the same without spans (PAGEMERGE_NO_SPANS=1): pages punched in place come back when read', async (t) => {
+  const r = await sparse(false)
+  t.comment(`no spans: ${r.dropped} zero pages dropped, Pss -${(r.freed / MiB).toFixed(1)} MiB after reading every byte, mappings ${r.maps} of ${r.budget}`)
+  t.ok(r.freed < 0.5 * ZEROS * PAGE, `Pss fell by only ${(r.freed / MiB).toFixed(1)} MiB`)
+  t.ok(r.intact, 'every byte reads back')
+  t.ok(r.written, 'a write into a dropped page lands, and only there')
+})
