@@ -228,6 +228,8 @@ export class Engine {
   private planNode = new Int32Array(MERGE_NOW_BATCH)
   /** Pages mapping a stable page, planned ones included: the sum of the nodes' sharers. */
   private sharersTotal = 0
+  /** Pages in registered buffers (the regions' pages, summed as they come and go). */
+  private trackedPages = 0
   private c = {
     pagesScanned: 0,
     fullScans: 0,
@@ -273,6 +275,7 @@ export class Engine {
     this.pages.flags.fill(0, slot, slot + pages)
     const at = this.regionIndex(slot)
     this.regions.splice(at, 0, region)
+    this.trackedPages += pages
     if (at <= this.cursor.region && this.regions.length > 1) this.cursor.region++ // the cursor stays on its region
     this.byId.set(id, region)
     this.finalizer.register(sab, { engine: this.self, id }, region)
@@ -369,6 +372,7 @@ export class Engine {
     this.byId.delete(region.id)
     const at = this.regionIndex(region.slot)
     this.regions.splice(at, 1)
+    this.trackedPages -= region.pages
     if (this.cursor.region > at) this.cursor.region-- // the cursor stays on its region
     else if (this.cursor.region === at) this.cursor.page = 0 // its region is gone: on to the next
     ;(this.hashing > 0 ? this.freedInBatch : this.freeSlots).push([region.slot, region.pages])
@@ -1046,7 +1050,7 @@ export class Engine {
     const st = this.stable
     const { chains, dups } = st.chains()
     const shared = st.live
-    const tracked = this.regions.reduce((s, r) => s + r.pages, 0)
+    const tracked = this.trackedPages
     const bridge = this.arena.stats()
     const metadata = this.pages.bytes() + st.bytes() + this.unstable.bytes() + bridge.metadataBytes
     const sharing = this.sharersTotal - shared

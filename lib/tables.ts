@@ -188,15 +188,17 @@ export class StableNodes extends Table {
     this.free.push(node)
   }
 
-  /** Chains (contents with more than one stable page) and the nodes in them. */
+  /**
+   * Chains (contents with more than one stable page) and the nodes in them, from the links alone
+   * (a chain of k nodes has k - 1; its head is the one no link points to): stats() is polled, and
+   * a walk of the whole table cost ~150 µs a call at 16k stable pages.
+   */
   chains(): { chains: number; dups: number } {
-    let chains = 0, dups = 0
-    for (const e of this.table) {
-      if (e === EMPTY || this.nextDup(e - 1) < 0) continue
-      chains++
-      for (let n = e - 1; n >= 0; n = this.nextDup(n)) dups++
-    }
-    return { chains, dups }
+    if (this.dups.size === 0) return { chains: 0, dups: 0 }
+    const linked = new Set(this.dups.values())
+    let chains = 0
+    for (const node of this.dups.keys()) if (!linked.has(node)) chains++
+    return { chains, dups: this.dups.size + chains }
   }
 
   private grow(capacity: number): void {
