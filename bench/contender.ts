@@ -283,7 +283,8 @@ async function runPageMerger(spec: Spec): Promise<ChildResult> {
   const start = process.hrtime.bigint()
   let wallS: number, cpuS: number, converged = true, stats: Stats
   if (!background) {
-    stats = await pm.mergeNow()
+    // progress for the parent's chart, after each batch: a few messages in all
+    stats = await pm.mergeNow({ onProgress: (p) => send({ type: 'progress', freedPages: p.pagesSharing + p.zeroPages, fullScans: p.fullScans }) })
     wallS = seconds(start)
     cpuS = ownCpu()
   } else {
