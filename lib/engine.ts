@@ -12,7 +12,7 @@ import { loadNative, NO_POOL, PAGE_SIZE, PageState, Status, type NativeArena, ty
 import type { ResolvedOptions } from './options'
 import { KernelKsm, type ProcessKsm } from './kernel'
 import { domainMix, Flag, type HashTask, type Shard } from './protocol'
-import { StableNodes, UnstableTable } from './tables'
+import { StableNodes, U32List, UnstableTable } from './tables'
 import hashShards from '../workers/hash'
 
 /** What pm.stats() reports, with the kernel's meanings where the kernel has the counter. */
@@ -230,6 +230,8 @@ export class Engine {
   private sharersTotal = 0
   /** Pages in registered buffers (the regions' pages, summed as they come and go). */
   private trackedPages = 0
+  /** A batch's lists (owners of new stable pages, and the extents of each bridge call), reused. */
+  private readonly lists = { owners: new U32List(), zero: new U32List(), runs: new U32List(), merges: new U32List(), onOld: new U32List() }
   private c = {
     pagesScanned: 0,
     fullScans: 0,
@@ -746,7 +748,7 @@ export class Engine {
     const { plan, planNode, zero } = this
     const st = this.stable
     const useZero = this.options.useZeroPages
-    const owners: number[] = []
+    const owners = this.lists.owners.clear()
     // Unstable entries that can no longer pair: merged (their words hold a node), pending, dropped;
     // and a slot that is not HASHED belongs to no page now (its buffer was collected, the slot freed).
     const busy = Flag.MERGED | Flag.PENDING | Flag.ZERO
@@ -808,7 +810,7 @@ export class Engine {
   }
 
   private applyZero(shards: Shard[], held: Region[]): void {
-    const ext: number[] = []
+    const ext = this.lists.zero.clear()
     shards.forEach((sh, i) => {
       for (let k = 0; k < sh.count; ) {
         if (this.plan[sh.batchIndex + k] !== Plan.ZERO) {
@@ -817,7 +819,7 @@ export class Engine {
         }
         let end = k
         while (end < sh.count && end - k < MAX_EXTENT_PAGES && this.plan[sh.batchIndex + end] === Plan.ZERO) end++
-        ext.push(held[i]!.id, sh.firstPage + k, end - k, sh.slot + k)
+        ext.push4(held[i]!.id, sh.firstPage + k, end - k, sh.slot + k)
         k = end
       }
     })
@@ -835,23 +837,24 @@ export class Engine {
    * pool numbers (contiguous within a run, a gap between runs), so that the merge extents can be
    * planned first and each run made only if the merges onto it fit the mapping budget too.
    */
-  private applyStable(owners: number[], shards: Shard[], held: Region[]): void {
+  private applyStable(ownerList: U32List, shards: Shard[], held: Region[]): void {
     const { flags, words } = this.pages
     const pool = this.stable.pool
-    owners.sort((a, b) => a - b)
-    const runs: number[] = [] // [id, page, count, follow, first slot, first provisional number]
+    const owners = ownerList.view().sort()
+    const runList = this.lists.runs.clear() // [id, page, count, follow, first slot, first provisional number]
     let next = 0
     for (let i = 0; i < owners.length; ) {
       const r = this.regionOfSlot(owners[i]!)
       let j = i + 1
       if (r) while (j < owners.length && j - i < MAX_EXTENT_PAGES && owners[j] === owners[j - 1]! + 1 && owners[j]! < r.slot + r.pages) j++
       if (r) {
-        runs.push(r.id, owners[i]! - r.slot, j - i, 0, owners[i]!, next)
+        runList.push6(r.id, owners[i]! - r.slot, j - i, 0, owners[i]!, next)
         for (let k = 0; k < j - i; k++) pool[words[2 * (owners[i]! + k)]!] = PROVISIONAL | (next + k)
         next += j - i + 1
       }
       i = j
     }
+    const runs = runList.view()
     const runOf = (provisional: number) => {
       const at = provisional & ~PROVISIONAL
       let lo = 0, hi = runs.length / 6 - 1
@@ -862,13 +865,14 @@ export class Engine {
       }
       return lo
     }
-    const merges = this.planMerges(shards, held) // [id, page, pool, count, slot, batch index]
+    const mergeList = this.planMerges(shards, held) // [id, page, pool, count, slot, batch index]
+    const merges = mergeList.view()
     for (let m = 0; m < merges.length; m += 6) if (merges[m + 2]! & PROVISIONAL) runs[runOf(merges[m + 2]!) * 6 + 3]!++
     const made = new Int32Array(runs.length / 6).fill(-1) // first pool page of each run, or -1
     const refused = new Uint8Array(runs.length / 6) // runs the budget refused: their merges are skipped too
     const outPool = new Uint32Array(runs.length / 6)
     // A run the budget refuses costs the pages that would have merged onto it, counted below, not its own.
-    this.run('stabilize', runs, 6, 4, undefined, (extents, status) => this.arena.stabilize(extents, status, this.options.mapBudget, outPool), (e, ok, n, status) => {
+    this.run('stabilize', runList, 6, 4, undefined, (extents, status) => this.arena.stabilize(extents, status, this.options.mapBudget, outPool), (e, ok, n, status) => {
       if (ok) made[n] = outPool[n]!
       if (status === Status.BUDGET) refused[n] = 1
       for (let k = 0; k < e[2]!; k++) {
@@ -888,33 +892,37 @@ export class Engine {
       if (flags[s]! & Flag.PENDING) flags[s] = flags[s]! & ~(Flag.PENDING | Flag.HASHED)
     // Provisional numbers become pool pages; merges onto a run that was not made are dropped. The
     // merges onto new runs go first: their room in the budget was kept by stabilize().
-    const onNew: number[] = [], onOld: number[] = []
+    // onNew reuses the merges' own list, written behind where it is read (never ahead of it)
+    const onNew = mergeList, onOld = this.lists.onOld.clear()
+    let written = 0
     for (let m = 0; m < merges.length; m += 6) {
-      const first = merges[m + 2]!
-      const record = merges.slice(m, m + 6)
+      const first = merges[m + 2]!, count = merges[m + 3]!
       if (!(first & PROVISIONAL)) {
-        onOld.push(...record)
+        onOld.push6(merges[m]!, merges[m + 1]!, first, count, merges[m + 4]!, merges[m + 5]!)
         continue
       }
       const n = runOf(first)
       if (made[n]! < 0) {
-        if (refused[n]) this.c.skipped += record[3]!
-        for (let k = 0; k < record[3]!; k++) this.dropSharer(this.planNode[record[5]! + k]!)
+        if (refused[n]) this.c.skipped += count
+        for (let k = 0; k < count; k++) this.dropSharer(this.planNode[merges[m + 5]! + k]!)
         continue
       }
-      record[2] = made[n]! + ((first & ~PROVISIONAL) - runs[n * 6 + 5]!)
-      onNew.push(...record)
+      if (written !== m) merges.copyWithin(written, m, m + 6)
+      merges[written + 2] = made[n]! + ((first & ~PROVISIONAL) - runs[n * 6 + 5]!)
+      written += 6
     }
-    this.applyMerges(onNew.concat(onOld))
+    onNew.length = written
+    onNew.append(onOld)
+    this.applyMerges(onNew)
     for (let i = 0; i < runs.length; i += 6) if (made[i / 6]! < 0) for (let k = 0; k < runs[i + 2]!; k++) this.dropSharer(words[2 * (runs[i + 4]! + k)]!)
     for (const s of owners) if (!this.regionOfSlot(s)) this.dropSharer(words[2 * s]!)
   }
 
   /** The merge extents of the batch's planned pages: runs of pages planned onto consecutive pool pages. */
-  private planMerges(shards: Shard[], held: Region[]): number[] {
+  private planMerges(shards: Shard[], held: Region[]): U32List {
     const { plan, planNode } = this
     const pool = this.stable.pool
-    const ext: number[] = []
+    const ext = this.lists.merges.clear()
     shards.forEach((sh, i) => {
       const r = held[i]!
       for (let k = 0; k < sh.count; ) {
@@ -931,14 +939,14 @@ export class Engine {
         }
         let end = k + 1
         while (end < sh.count && end - k < MAX_EXTENT_PAGES && plan[sh.batchIndex + end] === Plan.STABLE && pool[planNode[sh.batchIndex + end]!] === first + (end - k)) end++
-        ext.push(r.id, sh.firstPage + k, first, end - k, sh.slot + k, bi)
+        ext.push6(r.id, sh.firstPage + k, first, end - k, sh.slot + k, bi)
         k = end
       }
     })
     return ext
   }
 
-  private applyMerges(ext: number[]): void {
+  private applyMerges(ext: U32List): void {
     const { planNode } = this
     const { flags, words } = this.pages
     this.run('merge', ext, 6, 4, 3, (extents, status) => this.arena.merge(extents, status, this.options.mapBudget), (e, ok) => {
@@ -965,13 +973,14 @@ export class Engine {
    */
   private run(
     op: 'dropZero' | 'stabilize' | 'merge',
-    records: number[],
+    list: U32List,
     stride: number,
     nativeStride: number,
     countAt: number | undefined,
     call: (extents: Uint32Array, status: Int32Array) => number,
     done: (record: number[], ok: boolean, index: number, status: number) => void,
   ): void {
+    const records = list.view()
     const n = records.length / stride
     if (n === 0) return
     const extents = new Uint32Array(n * nativeStride)

@@ -20,11 +20,14 @@ function view<T extends Uint32Array | Int32Array | Uint8Array | BigUint64Array>(
   return v as T
 }
 
+const wide = new WeakMap<SharedArrayBuffer, BigUint64Array>()
+
 /** The keys a run had before it is hashed again (reused: a new array per run cost more than the run). */
 let previous = new Uint32Array(2 * 1024)
 
 export default function hash(task: HashTask): HashResult {
-  const hashes = new BigUint64Array(task.keys) // a second view of the same bytes (cached one is Uint32)
+  let hashes = wide.get(task.keys) // a second view of the same bytes as `words`
+  if (!hashes) wide.set(task.keys, (hashes = new BigUint64Array(task.keys)))
   const words = view(task.keys, Uint32Array)
   const flags = view(task.flags, Uint8Array)
   const candidates = view(task.candidates, Int32Array)
@@ -47,7 +50,7 @@ export default function hash(task: HashTask): HashResult {
       while (end < shard.count && !skip(flags[slot + end]!)) end++
       if (previous.length < 2 * (end - i)) previous = new Uint32Array(2 * (end - i))
       const old = previous
-      old.set(words.subarray(2 * (slot + i), 2 * (slot + end)))
+      for (let k = 0, from = 2 * (slot + i); k < 2 * (end - i); k++) old[k] = words[from + k]! // no subarray object per run
       native.hashAt(shard.address, shard.firstPage + i, end - i, hashes, slot + i)
       hashed += end - i
       for (let k = i; k < end; k++) {
