@@ -541,10 +541,14 @@ constexpr uint64_t kMaxGap = 64;
 // Writers to any page of a span wait from its comparison to its remap: 4 MiB bounds that stall.
 constexpr uint64_t kMaxSpan = 1024;
 
-// One extent of a span: its index in the call, dest pages [page, page + count), file pages from `file`.
+// One extent of a span: its index in the call, pages [page, page + count) of allocation `a`, file
+// pages from `file`. Allocations lie at arena base + their own offset, so `at()` (the arena page)
+// orders and joins extents of neighbouring allocations too.
 struct SpanExt {
   size_t index;
+  Allocation* a;
   uint64_t page, count, file, follow;
+  uint64_t at() const { return static_cast<uint64_t>(a->own) + page; }
 };
 
 // States a span may replace: copying a kMerged page would unmerge it.
@@ -573,29 +577,29 @@ bool AllZero(const uint8_t* p, uint64_t count) {
   return true;
 }
 
-// The extents from `i` that form a span (at least two, with at least one gap page), into `out`;
-// `get(k, &e)` says whether extent k may be part of a span. Empty when extent i stands alone.
+// The extents from `i` that form a span (at least two), into `out`; `get(k, &e)` says whether
+// extent k may be part of one. Extents follow each other in arena pages at the same delta (file
+// page - arena page), end to end, or with a gap of pages of the same allocation between them.
+// Empty when extent i stands alone.
 template <class Get>
-void FindSpan(size_t i, size_t n, Get get, std::vector<SpanExt>* out, Allocation** owner) {
+void FindSpan(size_t i, size_t n, Get get, std::vector<SpanExt>* out) {
   out->clear();
   SpanExt e;
-  Allocation* a;
-  if (!get(i, &e, &a)) return;
-  uint64_t start = e.page, end = e.page + e.count, gaps = 0;
-  int64_t delta = static_cast<int64_t>(e.file) - static_cast<int64_t>(e.page);
+  if (!get(i, &e)) return;
+  const uint64_t start = e.at();
+  uint64_t end = start + e.count;
+  const int64_t delta = static_cast<int64_t>(e.file) - static_cast<int64_t>(start);
   out->push_back(e);
   for (size_t k = i + 1; k < n; k++) {
     SpanExt f;
-    Allocation* b;
-    if (!get(k, &f, &b) || b != a || f.page < end || static_cast<int64_t>(f.file) - static_cast<int64_t>(f.page) != delta ||
-        f.page - end > kMaxGap || f.page + f.count - start > kMaxSpan || (f.page > end && !GapOk(*a, end, f.page)))
-      break;
-    gaps += f.page - end;
-    end = f.page + f.count;
+    if (!get(k, &f)) break;
+    const uint64_t at = f.at();
+    if (at < end || static_cast<int64_t>(f.file) - static_cast<int64_t>(at) != delta || at + f.count - start > kMaxSpan) break;
+    if (at > end && (f.a != out->back().a || at - end > kMaxGap || !GapOk(*f.a, end - static_cast<uint64_t>(f.a->own), f.page))) break;
+    end = at + f.count;
     out->push_back(f);
   }
-  if (!gaps) out->clear();
-  *owner = a;
+  if (out->size() < 2) out->clear();
 }
 
 class Arena : public Napi::ObjectWrap<Arena> {
@@ -791,12 +795,11 @@ class Arena : public Napi::ObjectWrap<Arena> {
     uint64_t done = 0;
     // Runs of a shared window stabilized in place map the file at the window's own offset: a
     // sequence of them with small gaps between becomes one span (one mapping, see FindSpan).
-    auto inPlace = [&](size_t k, SpanExt* e, Allocation** owner) {
+    auto inPlace = [&](size_t k, SpanExt* e) {
       const uint32_t* r = ex.rec + k * 4;
       Allocation* a = alloc[k];
       if (!c.spans || !a || !AllState(*a, r[1], r[2], kShared)) return false;
-      *e = SpanExt{k, r[1], r[2], static_cast<uint64_t>(a->own) + r[1], r[3]};
-      *owner = a;
+      *e = SpanExt{k, a, r[1], r[2], static_cast<uint64_t>(a->own) + r[1], r[3]};
       return true;
     };
     std::vector<SpanExt> span;
@@ -808,8 +811,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
         ex.status[i] = kGone;
         continue;
       }
-      Allocation* owner = nullptr;
-      FindSpan(i, ex.n, inPlace, &span, &owner);
+      FindSpan(i, ex.n, inPlace, &span);
       if (!span.empty()) {
         // One span costs two cuts (and the staging mapping until it moves). Its followers are
         // reserved as if they too formed spans, one per allocation: the most any of its runs has.
@@ -820,7 +822,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
           for (const SpanExt& e : span) ex.status[e.index] = kBudget;
         } else {
           c.reserved += follow;
-          done += ApplySpan(*owner, span, kSpanStabilize, ex.status, poolOut);
+          done += ApplySpan(span, kSpanStabilize, ex.status, poolOut);
         }
         i = span.back().index;
         continue;
@@ -895,12 +897,11 @@ class Arena : public Napi::ObjectWrap<Arena> {
                               std::to_string(r[3]) + ", which are not all live pool pages");
     }
     uint64_t done = 0;
-    auto mergeable = [&](size_t k, SpanExt* e, Allocation** owner) {
+    auto mergeable = [&](size_t k, SpanExt* e) {
       const uint32_t* r = ex.rec + k * 4;
       Allocation* a = alloc[k];
       if (!c.spans || !a || !c.PoolLive(r[2], r[3]) || !AllSpanState(*a, r[1], r[3])) return false;
-      *e = SpanExt{k, r[1], r[3], r[2], 0};
-      *owner = a;
+      *e = SpanExt{k, a, r[1], r[3], r[2], 0};
       return true;
     };
     std::vector<SpanExt> span;
@@ -912,8 +913,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
         ex.status[i] = kGone;
         continue;
       }
-      Allocation* owner = nullptr;
-      FindSpan(i, ex.n, mergeable, &span, &owner);
+      FindSpan(i, ex.n, mergeable, &span);
       if (!span.empty()) {
         // Each extent may come with the cuts stabilize() reserved for it; the span costs two cuts
         // (and the staging mapping until it moves) once: take reservations for that, no more.
@@ -929,7 +929,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
           i = span.back().index;
           continue;
         }
-        done += ApplySpan(*owner, span, kSpanMerge, ex.status, nullptr);
+        done += ApplySpan(span, kSpanMerge, ex.status, nullptr);
         i = span.back().index;
         continue;
       }
@@ -998,12 +998,11 @@ class Arena : public Napi::ObjectWrap<Arena> {
     uint64_t done = 0;
     // File-backed runs (anonymous ones drop in place, at no mapping's cost) with small gaps between
     // become one anonymous span: sparse zero pages would otherwise cost a mapping or two per run.
-    auto remapped = [&](size_t k, SpanExt* e, Allocation** owner) {
+    auto remapped = [&](size_t k, SpanExt* e) {
       const uint32_t* r = ex.rec + k * 3;
       Allocation* a = alloc[k];
       if (!c.spans || !a || AllState(*a, r[1], r[2], kAnon) || !AllSpanState(*a, r[1], r[2])) return false;
-      *e = SpanExt{k, r[1], r[2], r[1], 0};
-      *owner = a;
+      *e = SpanExt{k, a, r[1], r[2], static_cast<uint64_t>(a->own) + r[1], 0};  // delta 0: anonymous, any will do
       return true;
     };
     std::vector<SpanExt> span;
@@ -1014,10 +1013,9 @@ class Arena : public Napi::ObjectWrap<Arena> {
         ex.status[i] = kGone;
         continue;
       }
-      Allocation* owner = nullptr;
-      FindSpan(i, ex.n, remapped, &span, &owner);
+      FindSpan(i, ex.n, remapped, &span);
       if (!span.empty() && c.Fits(kCuts + 1, budget)) {  // else: one extent at a time, as below
-        done += ApplySpan(*owner, span, kSpanZero, ex.status, nullptr);
+        done += ApplySpan(span, kSpanZero, ex.status, nullptr);
         i = span.back().index;
         continue;
       }
@@ -1277,19 +1275,25 @@ class Arena : public Napi::ObjectWrap<Arena> {
   // MAP_PRIVATE mapping of the file), or drop them as zero pages (one anonymous mapping).
   enum SpanKind { kSpanStabilize, kSpanMerge, kSpanZero };
 
-  // Remaps the span `es` of allocation `a` as one mapping (see FindSpan). Merge and zero spans
+  // Remaps the span `es` (extents of one or more neighbouring allocations) as one mapping (see FindSpan). Merge and zero spans
   // check each extent first (its pool pages, or zero bytes); an extent that fails is reported and
   // left as gap pages, and the span shrinks to its first..last extent that passed. Sets the status
   // of every extent (and poolOut, if given, for the ones done); returns the pages done. Nothing
   // changes unless the final mremap succeeds.
-  uint64_t ApplySpan(Allocation& a, const std::vector<SpanExt>& es, SpanKind kind, int32_t* status, uint32_t* poolOut) {
+  uint64_t ApplySpan(const std::vector<SpanExt>& es, SpanKind kind, int32_t* status, uint32_t* poolOut) {
     ArenaCore& c = *core_;
     const bool anon = kind == kSpanZero;
-    const uint64_t first = es.front().page, pages = es.back().page + es.back().count - first, len = pages * kPage;
+    const uint64_t first = es.front().at(), pages = es.back().at() + es.back().count - first, len = pages * kPage;
     const uint64_t file = es.front().file;  // the file page that `first` will map (file spans)
-    uint8_t* dst = a.base + first * kPage;
+    uint8_t* dst = es.front().a->base + es.front().page * kPage;
     std::vector<uint8_t> in(pages, 0);  // 1: the page is in an extent (that matched, once verified)
-    for (const SpanExt& e : es) std::fill(in.begin() + (e.page - first), in.begin() + (e.page - first + e.count), 1);
+    std::vector<Allocation*> who(pages);  // whose page it is: a gap's, the extent's before it
+    for (size_t i = 0; i < es.size(); i++) {
+      const SpanExt& e = es[i];
+      const uint64_t off = e.at() - first, next = i + 1 < es.size() ? es[i + 1].at() - first : pages;
+      std::fill(in.begin() + off, in.begin() + off + e.count, 1);
+      std::fill(who.begin() + off, who.begin() + next, e.a);
+    }
     // A private write to a file hole allocates it in the file: the gap copies below do that to file
     // pages that hold nothing, which are punched again once the staging mapping is gone.
     std::vector<uint64_t> holes;
@@ -1323,7 +1327,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
       const SpanExt& e = es[i];
       // The staging mapping's extent pages are the pool pages themselves (never written through
       // it): compared there, their read faults populate the mapping that moves over the span.
-      const size_t at = (e.page - first) * kPage;
+      const size_t at = (e.at() - first) * kPage;
       int32_t v = kind == kSpanMerge ? (std::memcmp(dst + at, stage + at, e.count * kPage) != 0 ? kMismatch : kOk)
                   : kind == kSpanZero ? (AllZero(dst + at, e.count) ? kOk : kMismatch)
                                       : kOk;
@@ -1332,7 +1336,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
         lo = std::min(lo, i);
         hi = i;
       } else {  // left as it is: its pages are copied like gap pages
-        std::fill(in.begin() + (e.page - first), in.begin() + (e.page - first + e.count), 0);
+        std::fill(in.begin() + (e.at() - first), in.begin() + (e.at() - first + e.count), 0);
       }
     }
     if (lo == es.size()) {
@@ -1341,7 +1345,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
       punchHoles();
       return 0;
     }
-    const uint64_t from = es[lo].page - first, to = es[hi].page + es[hi].count - first;
+    const uint64_t from = es[lo].at() - first, to = es[hi].at() + es[hi].count - first;
     for (uint64_t k = from; k < to; k++)  // the copy that counts: no write can land after it
       if (!in[k]) std::memcpy(stage + k * kPage, dst + k * kPage, kPage);
     uint8_t* at = dst + from * kPage;
@@ -1366,6 +1370,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
       const SpanExt& e = es[i];
       if (status[e.index] != kOk) continue;
       done += e.count;
+      Allocation& a = *e.a;
       if (anon) {  // anonymous memory that was never written: reads map the kernel's zero page
         c.Retarget(a, e.page, e.count, kNoPool, kAnon);
         continue;
@@ -1375,14 +1380,15 @@ class Arena : public Napi::ObjectWrap<Arena> {
       c.Retarget(a, e.page, e.count, static_cast<uint32_t>(e.file), kMerged);
       if (poolOut) poolOut[e.index] = static_cast<uint32_t>(e.file);
     }
-    for (uint64_t k = from; k < to;) {  // the gap runs: private copies inside the file mapping
+    for (uint64_t k = from; k < to;) {  // the gap runs: private copies inside the new mapping
       if (in[k]) {
         k++;
         continue;
       }
+      Allocation& a = *who[k];
       uint64_t stop = k;
-      while (stop < to && !in[stop]) stop++;
-      c.Retarget(a, first + k, stop - k, kNoPool, anon ? kAnon : kWritten);
+      while (stop < to && !in[stop] && who[stop] == &a) stop++;
+      c.Retarget(a, first + k - static_cast<uint64_t>(a.own), stop - k, kNoPool, anon ? kAnon : kWritten);
       k = stop;
     }
     return done;
