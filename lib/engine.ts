@@ -11,7 +11,7 @@ import { error, ErrorCode, isOptionsObject, rangeError, systemError, typeError }
 import { loadNative, NO_POOL, PAGE_SIZE, PageState, Status, type NativeArena, type NativeBinding } from './native'
 import type { ResolvedOptions } from './options'
 import { KernelKsm, type ProcessKsm } from './kernel'
-import { domainMix, Flag, type HashTask, type Shard } from './protocol'
+import { domainMix, Flag, SHARD_FIELDS, type HashTask, type Shard } from './protocol'
 import { StableNodes, U32List, UnstableTable } from './tables'
 import hashShards from '../workers/hash'
 
@@ -221,6 +221,8 @@ export class Engine {
   private readonly zero: { lo: number; hi: number }
   /** Two candidate arrays: in mergeNow() the workers hash one batch while the next is processed. */
   private candidates = [0, 1].map(() => new Int32Array(new SharedArrayBuffer(4 * MERGE_NOW_BATCH)))
+  /** The shard tables the hash tasks read (SHARD_FIELDS numbers per shard), one per candidate array, grown as needed. */
+  private shardTables = [0, 1].map(() => new Float64Array(new SharedArrayBuffer(8 * SHARD_FIELDS * 64)))
   private flip = 0
   /** Batches being hashed: slots of buffers dropped meanwhile wait in freedInBatch. */
   private hashing = 0
@@ -714,33 +716,45 @@ export class Engine {
    * only when workers have a share: a batch hashed here alone is done when this returns.
    */
   private hash({ shards, pages, candidates }: Batch, share: boolean): Promise<void> | undefined {
-    const common = {
+    const inline = pages < INLINE_PAGES
+    const per = inline ? pages : Math.ceil(pages / (this.options.workers + (share ? 1 : 0)))
+    // The shards, cut into one task's share after another, as records of the batch's shard table.
+    const which = this.candidates[0] === candidates ? 0 : 1
+    let table = this.shardTables[which]!
+    const most = (shards.length + this.options.workers + 1) * SHARD_FIELDS
+    if (table.length < most) this.shardTables[which] = table = new Float64Array(new SharedArrayBuffer(8 * 2 * most))
+    const ends: number[] = [] // each task's last record + 1
+    let n = 0, room = per
+    for (const sh of shards) {
+      const address = Number(sh.address)
+      let { firstPage, count, slot, batchIndex } = sh
+      while (count > 0) {
+        const take = Math.min(count, room), o = n++ * SHARD_FIELDS
+        table[o] = address, table[o + 1] = firstPage, table[o + 2] = take, table[o + 3] = slot
+        table[o + 4] = batchIndex, table[o + 5] = sh.mixLo, table[o + 6] = sh.mixHi
+        firstPage += take, slot += take, batchIndex += take, count -= take, room -= take
+        if (room === 0) ends.push(n), (room = per)
+      }
+    }
+    if (ends[ends.length - 1] !== n) ends.push(n)
+    const task = (i: number): HashTask => ({
+      shards: table.buffer as SharedArrayBuffer,
+      from: i > 0 ? ends[i - 1]! : 0,
+      to: ends[i]!,
       keys: this.pages.words.buffer as SharedArrayBuffer,
       flags: this.pages.flags.buffer as SharedArrayBuffer,
       candidates: candidates.buffer as SharedArrayBuffer,
       stable: this.stable.view(),
-    }
-    if (pages < INLINE_PAGES) {
-      hashShards({ ...common, shards })
+    })
+    if (inline) {
+      hashShards(task(0))
       return
     }
-    const per = Math.ceil(pages / (this.options.workers + (share ? 1 : 0)))
-    const tasks: Shard[][] = [[]]
-    let room = per
-    for (const sh of shards) {
-      let { firstPage, count, slot, batchIndex } = sh
-      while (count > 0) {
-        const n = Math.min(count, room)
-        tasks[tasks.length - 1]!.push({ ...sh, firstPage, count: n, slot, batchIndex })
-        firstPage += n, slot += n, batchIndex += n, count -= n, room -= n
-        if (room === 0) tasks.push([]), (room = per)
-      }
-    }
-    const filled = tasks.filter((t) => t.length > 0)
-    const mine = share ? filled.pop() : undefined // the coordinator's share
+    const mine = share ? ends.length - 1 : -1 // the coordinator's share: the last
     const pool = this.workerPool()
-    const running = filled.map((t) => pool.run({ ...common, shards: t } satisfies HashTask))
-    if (mine) hashShards({ ...common, shards: mine })
+    const running: Promise<unknown>[] = []
+    for (let i = 0; i < ends.length; i++) if (i !== mine) running.push(pool.run(task(i)))
+    if (mine >= 0) hashShards(task(mine))
     return Promise.all(running).then(() => undefined)
   }
 

@@ -90,7 +90,7 @@ export interface NativeBinding {
   /** xxh3-64 of each page of buffer[firstPage, firstPage+count) into out[outIndex...]. */
   hashPages(buffer: Bytes, firstPage: number, count: number, out: BigUint64Array, outIndex: number): number
   /** hashPages for a live arena allocation given by address (what workers use: they hold no buffers). */
-  hashAt(address: bigint, firstPage: number, count: number, out: BigUint64Array, outIndex: number): number
+  hashAt(address: bigint | number, firstPage: number, count: number, out: BigUint64Array, outIndex: number): number
   comparePages(a: Bytes, pageA: number, b: Bytes, pageB: number, count?: number): -1 | 0 | 1
   /** The xxh3-64 of a page of zero bytes. */
   ZERO_PAGE_HASH: bigint

@@ -46,9 +46,19 @@ export interface StableView {
   secret: number
 }
 
-/** Hash the shards' pages and look each one up in the stable table. */
+/**
+ * Numbers per shard in a task's shard table (a Float64Array over a SharedArrayBuffer): address,
+ * firstPage, count, slot, batchIndex, mixLo, mixHi. A table, not objects: a batch of many small
+ * buffers has tens of thousands of shards, which as objects cost a structured clone per task and
+ * young-generation growth in the worker.
+ */
+export const SHARD_FIELDS = 7
+
+/** Hash the shards' pages (records [from, to) of the shard table) and look each one up in the stable table. */
 export interface HashTask {
-  shards: Shard[]
+  shards: SharedArrayBuffer
+  from: number
+  to: number
   /** Per slot, the page's key: its xxh3-64 XOR its domain's mix, as (lo, hi) 32-bit words. */
   keys: SharedArrayBuffer
   flags: SharedArrayBuffer // Uint8Array per slot

@@ -130,13 +130,23 @@ Napi::Value ComparePages(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), c < 0 ? -1 : c > 0 ? 1 : 0);
 }
 
-// hashAt(address: bigint, firstPage, count, out: BigUint64Array, outIndex) -> count. Hashes pages
-// of a live arena allocation by address (as worker threads do, so as not to keep buffers alive).
+// hashAt(address: bigint | number, firstPage, count, out: BigUint64Array, outIndex) -> count. Hashes
+// pages of a live arena allocation by address (as worker threads do, so as not to keep buffers
+// alive). A number must be a safe integer: user-space addresses are below 2^47.
 Napi::Value HashAt(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  bool lossless;
-  if (!info[0].IsBigInt()) return ThrowType(env, code::INVALID_ARG, "address must be a bigint");
-  uint64_t address = info[0].As<Napi::BigInt>().Uint64Value(&lossless);
+  bool lossless = true;
+  uint64_t address;
+  if (info[0].IsBigInt()) {
+    address = info[0].As<Napi::BigInt>().Uint64Value(&lossless);
+  } else if (info[0].IsNumber()) {
+    double d = info[0].As<Napi::Number>().DoubleValue();
+    if (!(d >= 0 && d <= 9007199254740991.0) || d != static_cast<double>(static_cast<uint64_t>(d)))
+      return ThrowRange(env, code::MISALIGNED, "address must be a page-aligned address");
+    address = static_cast<uint64_t>(d);
+  } else {
+    return ThrowType(env, code::INVALID_ARG, "address must be a bigint or a number");
+  }
   uint64_t first, count, *h;
   if (!HashArgs(info, &first, &count, &h)) return Napi::Value();
   if (!lossless || address % kPage || first > (UINT64_MAX - address) / kPage)

@@ -71,6 +71,11 @@ t.test('bad input: a code, and nothing changed', async (t) => {
     ['a stabilize without an output array', () => arena.stabilize(new Uint32Array([id, 0, 1, 0]), status, 1e9, undefined as unknown as Uint32Array), ErrorCode.INVALID_ARG, TypeError],
     ['an address outside any allocation', () => native.hashAt(4096n, 0, 1, out, 0), ErrorCode.FOREIGN_BUFFER, TypeError],
     ['a misaligned address', () => native.hashAt(native.addressOf(a) + 1n, 0, 1, out, 0), ErrorCode.MISALIGNED, RangeError],
+    ['an address as a fraction', () => native.hashAt(Number(native.addressOf(a)) + 0.5, 0, 1, out, 0), ErrorCode.MISALIGNED, RangeError],
+    ['a negative address', () => native.hashAt(-4096, 0, 1, out, 0), ErrorCode.MISALIGNED, RangeError],
+    ['an address past 2^53', () => native.hashAt(2 ** 60, 0, 1, out, 0), ErrorCode.MISALIGNED, RangeError],
+    ['NaN as an address', () => native.hashAt(NaN, 0, 1, out, 0), ErrorCode.MISALIGNED, RangeError],
+    ['an address as a string', () => native.hashAt('4096' as unknown as number, 0, 1, out, 0), ErrorCode.INVALID_ARG, TypeError],
   ]
   for (const [what, call, code, cls] of cases) {
     const err = (() => {
@@ -109,6 +114,9 @@ t.test('hashes are xxh3-64 of each page, as xxhash-addon computes them', async (
   const at = new BigUint64Array(64)
   native.hashAt(native.addressOf(a), 0, 64, at, 0)
   t.same([...at], [...out], 'hashAt agrees with hashPages')
+  at.fill(0n)
+  native.hashAt(Number(native.addressOf(a)), 0, 64, at, 0)
+  t.same([...at], [...out], 'and so does hashAt given the address as a number (what the hash workers pass)')
 })
 
 t.test('the addon loads and works in several worker threads at once', async (t) => {

@@ -2,7 +2,7 @@
 // read-only. Stateless but for the typed-array views it keeps over the shared arrays it was last
 // given (made anew when the engine grows them), since a batch can be as small as 100 pages.
 import { loadNative } from '../lib/native'
-import { Flag, probeStart, type HashResult, type HashTask } from '../lib/protocol'
+import { Flag, probeStart, SHARD_FIELDS, type HashResult, type HashTask } from '../lib/protocol'
 
 const native = loadNative()
 const { MERGED, ZERO, TOUCHED, HASHED, CHANGED, NEW } = Flag
@@ -13,8 +13,8 @@ const skip = (f: number) => (f & MERGED) !== 0 || (f & (ZERO | TOUCHED)) === ZER
 
 // Weak: the arrays of a PageMerger that was closed (or that grew them) must not be kept alive here,
 // on the coordinator thread too, which hashes small batches with this module.
-const views = new WeakMap<SharedArrayBuffer, Uint32Array | Int32Array | Uint8Array | BigUint64Array>()
-function view<T extends Uint32Array | Int32Array | Uint8Array | BigUint64Array>(sab: SharedArrayBuffer, make: new (b: SharedArrayBuffer) => T): T {
+const views = new WeakMap<SharedArrayBuffer, Uint32Array | Int32Array | Uint8Array | BigUint64Array | Float64Array>()
+function view<T extends Uint32Array | Int32Array | Uint8Array | BigUint64Array | Float64Array>(sab: SharedArrayBuffer, make: new (b: SharedArrayBuffer) => T): T {
   let v = views.get(sab)
   if (!(v instanceof make)) views.set(sab, (v = new make(sab)))
   return v as T
@@ -37,21 +37,24 @@ export default function hash(task: HashTask): HashResult {
   const { secret } = task.stable
   const mask = table.length - 1
   const bits = 31 - Math.clz32(table.length)
+  const shards = view(task.shards, Float64Array)
   let hashed = 0
-  for (const shard of task.shards) {
-    const { slot, batchIndex, mixLo, mixHi } = shard
-    for (let i = 0; i < shard.count; ) {
+  for (let r = task.from; r < task.to; r++) {
+    const o = r * SHARD_FIELDS
+    const address = shards[o]!, firstPage = shards[o + 1]!, count = shards[o + 2]!, slot = shards[o + 3]!
+    const batchIndex = shards[o + 4]!, mixLo = shards[o + 5]!, mixHi = shards[o + 6]!
+    for (let i = 0; i < count; ) {
       if (skip(flags[slot + i]!)) {
         candidates[batchIndex + i] = -1
         i++
         continue
       }
       let end = i // each maximal run of pages to hash, in one native call
-      while (end < shard.count && !skip(flags[slot + end]!)) end++
+      while (end < count && !skip(flags[slot + end]!)) end++
       if (previous.length < 2 * (end - i)) previous = new Uint32Array(2 * (end - i))
       const old = previous
       for (let k = 0, from = 2 * (slot + i); k < 2 * (end - i); k++) old[k] = words[from + k]! // no subarray object per run
-      native.hashAt(shard.address, shard.firstPage + i, end - i, hashes, slot + i)
+      native.hashAt(address, firstPage + i, end - i, hashes, slot + i)
       hashed += end - i
       for (let k = i; k < end; k++) {
         const s = slot + k
