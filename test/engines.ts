@@ -52,10 +52,14 @@ function clones(pm: PageMerger, bytes: number, seed: number): [Buffer, Buffer] {
 
 t.test("engine 'kernel': ksmd merges 64 MiB of clones, seen in ksm_stat; knobs restored by close()", { skip: needsKsmd }, async (t) => {
   await withKsmd(t, 'kernel', async (pm) => {
+  // ksmd waits until the baseline is taken: running, it would merge some pages while the test
+  // fills and reads the buffers (pages are mergeable from alloc() on), and the count would miss them
+  pm.kernel.tune({ run: 0 })
   const [a, b] = clones(pm, 32 * MiB, 21)
   const want = digest(a)
   const pss = smapsRollup().Pss_Anon!
   const before = mergingPages()
+  pm.kernel.tune({ run: 1 })
   const s = await pm.mergeNow()
   const merged = mergingPages() - before
   // Both sides of a merge count: the pages of a and of b that map a KSM page.
