@@ -23,17 +23,19 @@ function view<T extends Uint32Array | Int32Array | Uint8Array | BigUint64Array |
 const wide = new WeakMap<SharedArrayBuffer, BigUint64Array>()
 
 /** The keys a run had before it is hashed again (reused: a new array per run cost more than the run). */
-let previous = new Uint32Array(2 * 1024)
+let previous = new Int32Array(2 * 1024)
 
 export default function hash(task: HashTask): HashResult {
   let hashes = wide.get(task.keys) // a second view of the same bytes as `words`
   if (!hashes) wide.set(task.keys, (hashes = new BigUint64Array(task.keys)))
-  const words = view(task.keys, Uint32Array)
+  // Int32 views of the keys: every value stays a small integer, never a heap number, even before
+  // the loop is optimized (the engine writes and reads the same bits through Uint32 views)
+  const words = view(task.keys, Int32Array)
   const flags = view(task.flags, Uint8Array)
   const candidates = view(task.candidates, Int32Array)
   const table = view(task.stable.table, Int32Array)
-  const nodeLo = view(task.stable.keyLo, Uint32Array)
-  const nodeHi = view(task.stable.keyHi, Uint32Array)
+  const nodeLo = view(task.stable.keyLo, Int32Array)
+  const nodeHi = view(task.stable.keyHi, Int32Array)
   const { secret } = task.stable
   const mask = table.length - 1
   const bits = 31 - Math.clz32(table.length)
@@ -51,14 +53,14 @@ export default function hash(task: HashTask): HashResult {
       }
       let end = i // each maximal run of pages to hash, in one native call
       while (end < count && !skip(flags[slot + end]!)) end++
-      if (previous.length < 2 * (end - i)) previous = new Uint32Array(2 * (end - i))
+      if (previous.length < 2 * (end - i)) previous = new Int32Array(2 * (end - i))
       const old = previous
       for (let k = 0, from = 2 * (slot + i); k < 2 * (end - i); k++) old[k] = words[from + k]! // no subarray object per run
       native.hashAt(address, firstPage + i, end - i, hashes, slot + i)
       hashed += end - i
       for (let k = i; k < end; k++) {
         const s = slot + k
-        const lo = (words[2 * s]! ^ mixLo) >>> 0, hi = (words[2 * s + 1]! ^ mixHi) >>> 0
+        const lo = words[2 * s]! ^ mixLo, hi = words[2 * s + 1]! ^ mixHi
         words[2 * s] = lo
         words[2 * s + 1] = hi
         const f = flags[s]!
