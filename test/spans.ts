@@ -13,16 +13,22 @@ const MERGEABLE = (PAGES * 3) / 4 // every 4th page differs between the two
 
 const touch = (...bufs: Uint8Array[]) => bufs.forEach((b) => native.hashPages(b, 0, b.byteLength / PAGE, new BigUint64Array(b.byteLength / PAGE), 0))
 
-async function run(spans: boolean) {
+/** A PageMerger with spans on or off, whose worker threads are up (their stacks are mappings too). */
+async function warmMerger(spans: boolean, seed: number): Promise<PageMerger> {
   if (spans) delete process.env.PAGEMERGE_NO_SPANS
   else process.env.PAGEMERGE_NO_SPANS = '1' // read when the PageMerger's arena is made
   const pm = new PageMerger({ workers: 1 })
   delete process.env.PAGEMERGE_NO_SPANS
+  const warm = [pm.alloc(MiB), pm.alloc(MiB)]
+  fillRandom(warm[0]!, seed)
+  warm[1]!.set(warm[0]!)
+  await pm.mergeNow()
+  return pm
+}
+
+async function run(spans: boolean) {
+  const pm = await warmMerger(spans, 40)
   try {
-    const warm = [pm.alloc(MiB), pm.alloc(MiB)]
-    fillRandom(warm[0]!, 40)
-    warm[1]!.set(warm[0]!)
-    await pm.mergeNow() // the worker threads are up: their stacks are mappings too
     const a = fillRandom(pm.alloc(BYTES), 41), b = fillRandom(pm.alloc(BYTES), 43)
     await pm.mergeNow() // nothing to merge yet: the coordinator's own tables and heap grow (mappings too)
     b.set(a)
@@ -67,15 +73,8 @@ t.test('the same without spans (PAGEMERGE_NO_SPANS=1): the budget stops it early
 const ZEROS = (PAGES * 3) / 4
 
 async function sparse(spans: boolean) {
-  if (spans) delete process.env.PAGEMERGE_NO_SPANS
-  else process.env.PAGEMERGE_NO_SPANS = '1'
-  const pm = new PageMerger({ workers: 1 })
-  delete process.env.PAGEMERGE_NO_SPANS
+  const pm = await warmMerger(spans, 50)
   try {
-    const warm = [pm.alloc(MiB), pm.alloc(MiB)]
-    fillRandom(warm[0]!, 50)
-    warm[1]!.set(warm[0]!)
-    await pm.mergeNow()
     const z = fillRandom(pm.alloc(BYTES), 51)
     await pm.mergeNow() // nothing to drop yet: the coordinator's tables grow first
     for (let p = 0; p < PAGES; p++) if (p % 4 !== 3) z.fill(0, p * PAGE, (p + 1) * PAGE)
