@@ -342,7 +342,6 @@ async function runTask(task: Task, opts: Options): Promise<Measured | Failure> {
       kernel.tune(knobs)
       goAt = process.hrtime.bigint()
       tell({ type: 'go' })
-      const since = sinceGo
       let best = 0, rise = { wall: 0, cpuNs: cpu0, scanned: scanned0, scans: scans0 }
       let converged = false, s = s0, stat: Record<string, number> = {}
       let disturbed: string | undefined
@@ -356,20 +355,20 @@ async function runTask(task: Task, opts: Options): Promise<Measured | Failure> {
         const merged = (stat.ksm_merging_pages ?? 0) + (stat.ksm_zero_pages ?? 0)
         const scans = s.stats.fullScans ?? 0
         if (s.knobs.run !== 1 || s.knobs.pagesToScan !== c.ksmd.pagesToScan || s.knobs.sleepMillisecs !== c.ksmd.sleepMillisecs)
-          disturbed ??= `run=${s.knobs.run}, pages_to_scan=${s.knobs.pagesToScan}, sleep_millisecs=${s.knobs.sleepMillisecs} at ${since().toFixed(2)} s` // another process on this machine tunes ksmd too
-        if (merged > best) (best = merged), (rise = { wall: since(), cpuNs: s.ksmd?.cpuNs ?? NaN, scanned: s.stats.pagesScanned ?? 0, scans })
-        if (task.sample) freedOverTime.push([since(), (counted(s) - counted(s0)) * PAGE_SIZE])
+          disturbed ??= `run=${s.knobs.run}, pages_to_scan=${s.knobs.pagesToScan}, sleep_millisecs=${s.knobs.sleepMillisecs} at ${sinceGo().toFixed(2)} s` // another process on this machine tunes ksmd too
+        if (merged > best) (best = merged), (rise = { wall: sinceGo(), cpuNs: s.ksmd?.cpuNs ?? NaN, scanned: s.stats.pagesScanned ?? 0, scans })
+        if (task.sample) freedOverTime.push([sinceGo(), (counted(s) - counted(s0)) * PAGE_SIZE])
         status = ` · ${mibs(best * PAGE_SIZE)} merging, ${scans - scans0} full scans`
         show()
         if (advisedScans === undefined && messages.some((m) => m.type === 'advised')) advisedScans = scans // all the memory is mergeable from here
         if (best >= ready.ideal.mergingPages) converged = true // everything that can merge has
         else if (advisedScans !== undefined && scans >= rise.scans + 2 && scans >= advisedScans + MIN_FULL_SCANS) converged = true // a whole full scan merged nothing new
-        if (converged || since() * 1e3 > deadline) break
+        if (converged || sinceGo() * 1e3 > deadline) break
       }
       restoreKnobs() // ksmd stops (run as it was); what it merged stays merged
       tuned = false
       ksmd = {
-        wallS: converged ? rise.wall : since(),
+        wallS: converged ? rise.wall : sinceGo(),
         cpuS: (rise.cpuNs - cpu0) / 1e9,
         converged,
         scanned: rise.scanned - scanned0,

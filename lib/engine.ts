@@ -235,7 +235,7 @@ export class Engine {
   /** A batch's lists (owners of new stable pages, and the extents of each bridge call), reused. */
   private readonly lists = { owners: new U32List(), zero: new U32List(), runs: new U32List(), merges: new U32List(), onOld: new U32List() }
   /** The bridge calls' record and status arrays, grown and reused: fresh ones per call left the C heap fragmented. */
-  private scratch = { extents: new Uint32Array(1024), status: new Int32Array(256) }
+  private readonly scratch = { extents: new Uint32Array(1024), status: new Int32Array(256) }
   private c = {
     pagesScanned: 0,
     fullScans: 0,
@@ -999,7 +999,8 @@ export class Engine {
     const records = list.view()
     const n = records.length / stride
     if (n === 0) return
-    if (this.scratch.status.length < n) this.scratch = { extents: new Uint32Array(2 * n * 6), status: new Int32Array(2 * n) }
+    if (this.scratch.extents.length < n * nativeStride) this.scratch.extents = new Uint32Array(2 * n * nativeStride)
+    if (this.scratch.status.length < n) this.scratch.status = new Int32Array(2 * n)
     const extents = this.scratch.extents.subarray(0, n * nativeStride), status = this.scratch.status.subarray(0, n)
     for (let i = 0; i < n; i++) for (let k = 0; k < nativeStride; k++) extents[i * nativeStride + k] = records[i * stride + k]!
     status.fill(0)
