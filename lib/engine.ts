@@ -400,9 +400,12 @@ export class Engine {
     while (lo <= hi) {
       const mid = (lo + hi) >> 1
       const r = this.regions[mid]!
-      if (slot < r.slot) hi = mid - 1
-      else if (slot >= r.slot + r.pages) lo = mid + 1
-      else return r
+      const below = slot < r.slot, above = slot >= r.slot + r.pages
+      if (!below && !above) return r
+      // both bounds worked out every time: a path first taken late would cost a recompile of every caller it was inlined into
+      const up = mid + 1, down = mid - 1
+      if (below) hi = down
+      else lo = up
     }
     return undefined
   }

@@ -45,39 +45,41 @@ export default function hash(task: HashTask): HashResult {
     const o = r * SHARD_FIELDS
     const address = shards[o]!, firstPage = shards[o + 1]!, count = shards[o + 2]!, slot = shards[o + 3]!
     const batchIndex = shards[o + 4]!, mixLo = shards[o + 5]!, mixHi = shards[o + 6]!
-    for (let i = 0; i < count; ) {
-      if (skip(flags[slot + i]!)) {
-        candidates[batchIndex + i] = -1
-        i++
-        continue
-      }
-      let end = i // each maximal run of pages to hash, in one native call
+    // Every operation below runs for every batch of every scan, so that the loop, optimized in a
+    // first scan (nothing merged, no stable page yet), is not thrown away and compiled again when
+    // a later scan takes a path the first never took.
+    candidates.fill(-1, batchIndex, batchIndex + count) // the answer for pages not hashed
+    for (let i = 0, end = 0; i < count; i = end + 1) {
+      end = i // each maximal run of pages to hash (up to a page to skip, or the end), in one native call
       while (end < count && !skip(flags[slot + end]!)) end++
+      if (end === i) continue
       if (previous.length < 2 * (end - i)) previous = new Int32Array(2 * (end - i))
       const old = previous
       for (let k = 0, from = 2 * (slot + i); k < 2 * (end - i); k++) old[k] = words[from + k]! // no subarray object per run
       native.hashAt(address, firstPage + i, end - i, hashes, slot + i)
       hashed += end - i
       for (let k = i; k < end; k++) {
-        const s = slot + k
+        const s = slot + k, was = 2 * (k - i)
         const lo = words[2 * s]! ^ mixLo, hi = words[2 * s + 1]! ^ mixHi
         words[2 * s] = lo
         words[2 * s + 1] = hi
         const f = flags[s]!
-        const same = old[2 * (k - i)] === lo && old[2 * (k - i) + 1] === hi
-        flags[s] = (f & ~(CHANGED | NEW)) | HASHED | (!(f & HASHED) ? NEW : same ? 0 : CHANGED)
+        const changed = ((old[was]! ^ lo) | (old[was + 1]! ^ hi)) !== 0 // since one scan ago
+        flags[s] = (f & ~(CHANGED | NEW)) | HASHED | ((f & HASHED) === 0 ? NEW : changed ? CHANGED : 0)
         let found = -1
-        for (let p = probeStart(lo, secret, bits); ; p = (p + 1) & mask) {
-          const e = table[p]!
-          if (e === 0) break
-          if (nodeLo[e - 1] === lo && nodeHi[e - 1] === hi) {
-            found = e - 1
+        for (let p = probeStart(lo, secret, bits); ; ) {
+          const n = table[p]! - 1 // the entry's node, or -1 for an empty slot
+          const node = n & ~(n >> 31) // node 0 in place of -1: read, not used
+          const other = ((nodeLo[node]! ^ lo) | (nodeHi[node]! ^ hi)) !== 0
+          const next = (p + 1) & mask // computed on every page, though needed only after a collision
+          if (n < 0 || !other) {
+            found = n
             break
           }
+          p = next
         }
         candidates[batchIndex + k] = found
       }
-      i = end
     }
   }
   return { hashed }
