@@ -14,7 +14,7 @@
  * The child also says what it knows from inside: process.memoryUsage(), V8's heap spaces (main
  * isolate), the arena's counters. Usage:
  *
- *   npm run bench:pss-gap --  [--workload files|scattered|clones|sparse|volatile] [--size MiB] [--json] [--malloc]
+ *   npm run bench:pss-gap -- [--workload files|scattered|clones|sparse|volatile] [--size MiB] [--json] [--malloc]
  *
  * --malloc: also glibc's malloc_info() per arena at each checkpoint (called in the child through gdb).
  */
@@ -171,7 +171,8 @@ function mallocInfo(pid: number): MallocInfo | undefined {
 }
 
 async function parent(workload: WorkloadName, sizeMiB: number, json: boolean, withMalloc: boolean): Promise<void> {
-  const c = fork(__filename, ['--child', workload, String(sizeMiB)], { execArgv: ['--expose-gc'] })
+  // node flags given to this script apply to the child too (--v8-pool-size=1, --single-threaded: whose heaps grow)
+  const c = fork(__filename, ['--child', workload, String(sizeMiB)], { execArgv: [...new Set([...process.execArgv, '--expose-gc'])] })
   const seen: Array<{ inside: Inside; groups: Groups; malloc?: MallocInfo }> = []
   await new Promise<void>((resolve, reject) => {
     c.on('message', (m: Inside) => {
