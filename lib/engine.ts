@@ -108,6 +108,8 @@ interface Region {
   /** The arena's id for the allocation. */
   id: number
   ref: WeakRef<SharedArrayBuffer>
+  /** Where its bytes are mapped (fixed for its life): asked once, not as a bigint per shard of every batch. */
+  address: number
   pages: number
   /** First slot in the page arrays. */
   slot: number
@@ -277,7 +279,7 @@ export class Engine {
     if (this.byId.has(id)) return
     const pages = sab.byteLength / PAGE_SIZE
     const slot = this.takeSlots(pages)
-    const region: Region = { id, ref: new WeakRef(sab), pages, slot, domainKey: domain, domain: this.domainNumber(domain) }
+    const region: Region = { id, ref: new WeakRef(sab), address: Number(this.native.addressOf(sab)), pages, slot, domainKey: domain, domain: this.domainNumber(domain) }
     this.pages.flags.fill(0, slot, slot + pages)
     const at = this.regionIndex(slot)
     this.regions.splice(at, 0, region)
@@ -654,13 +656,13 @@ export class Engine {
       const count = Math.min(max - b.pages, r.pages - this.cursor.page)
       if (count > 0) {
         const mix = this.mixOf(r)
-        b.shards.push({ address: this.native.addressOf(buffer), firstPage: this.cursor.page, count, slot: r.slot + this.cursor.page, batchIndex: b.pages, mixLo: mix.lo, mixHi: mix.hi })
+        b.shards.push({ address: r.address, firstPage: this.cursor.page, count, slot: r.slot + this.cursor.page, batchIndex: b.pages, mixLo: mix.lo, mixHi: mix.hi })
         b.held.push(r)
         b.buffers.push(buffer)
         b.pages += count
       }
       this.cursor.page += count
-      if (this.cursor.page >= r.pages) this.cursor = { region: this.cursor.region + 1, page: 0 }
+      if (this.cursor.page >= r.pages) (this.cursor.region++), (this.cursor.page = 0) // no object per buffer
     }
     if (this.cursor.region >= this.regions.length) {
       this.cursor = { region: 0, page: 0 }
@@ -706,7 +708,7 @@ export class Engine {
     })
     if (merged.length === 0) return
     const extents = new Uint32Array(merged.length * 3)
-    merged.forEach((i, j) => extents.set([held[i]!.id, shards[i]!.firstPage, shards[i]!.count], j * 3))
+    merged.forEach((i, j) => ((extents[j * 3] = held[i]!.id), (extents[j * 3 + 1] = shards[i]!.firstPage), (extents[j * 3 + 2] = shards[i]!.count)))
     const counts = new Int32Array(merged.length)
     if (this.arena.reapWritten(extents, counts) === 0) return
     merged.forEach((i, j) => {
@@ -741,7 +743,7 @@ export class Engine {
     const ends: number[] = [] // each task's last record + 1
     let n = 0, room = per
     for (const sh of shards) {
-      const address = Number(sh.address)
+      const address = sh.address
       let { firstPage, count, slot, batchIndex } = sh
       while (count > 0) {
         const take = Math.min(count, room), o = n++ * SHARD_FIELDS
