@@ -14,8 +14,9 @@
  * The child also says what it knows from inside: process.memoryUsage(), V8's heap spaces (main
  * isolate), the arena's counters. Usage:
  *
- *   npm run bench:pss-gap -- [--workload files|scattered|clones|sparse|volatile] [--size MiB] [--json] [--malloc]
+ *   npm run bench:pss-gap -- [--workload files|scattered|clones|sparse|volatile] [--size MiB] [--json] [--malloc] [--progress]
  *
+ * --progress: mergeNow()'s onProgress sends the parent a message after each batch, as the bench does.
  * --malloc: also glibc's malloc_info() per arena at each checkpoint (called in the child through gdb).
  */
 import { fork, spawnSync } from 'node:child_process'
@@ -77,7 +78,8 @@ async function child(workload: WorkloadName, bytes: number): Promise<void> {
     await new Promise<void>((resolve) => process.once('message', () => resolve()))
   }
   await say('before')
-  const s = await engine.mergeNow()
+  // --progress: a message to the parent after each batch, as bench/contender.ts sends for its chart
+  const s = await engine.mergeNow(process.env.PSS_GAP_PROGRESS ? { onProgress: (p) => process.send!({ progress: p.pagesSharing }) } : {})
   counted = { pagesSharing: s.pagesSharing, zeroPages: s.zeroPages, pagesShared: s.pagesShared, pagesSkippedBudget: s.pagesSkippedBudget, metadataBytesPerPage: s.metadataBytesPerPage, pagesTracked: s.pagesTracked }
   await say('merged')
   hashBuffers(w.buffers, new BigUint64Array(w.pages)) // what the bench's verify() reads
@@ -170,12 +172,14 @@ function mallocInfo(pid: number): MallocInfo | undefined {
   return { heaps, mmapped: Number(/<total type="mmap" count="\d+" size="(\d+)"/.exec(tail)?.[1] ?? 0) }
 }
 
-async function parent(workload: WorkloadName, sizeMiB: number, json: boolean, withMalloc: boolean): Promise<void> {
+async function parent(workload: WorkloadName, sizeMiB: number, json: boolean, withMalloc: boolean, progress: boolean): Promise<void> {
   // node flags given to this script apply to the child too (--v8-pool-size=1, --single-threaded: whose heaps grow)
-  const c = fork(__filename, ['--child', workload, String(sizeMiB)], { execArgv: [...new Set([...process.execArgv, '--expose-gc'])] })
+  const env = { ...process.env, ...(progress ? { PSS_GAP_PROGRESS: '1' } : {}) }
+  const c = fork(__filename, ['--child', workload, String(sizeMiB)], { env, execArgv: [...new Set([...process.execArgv, '--expose-gc'])] })
   const seen: Array<{ inside: Inside; groups: Groups; malloc?: MallocInfo }> = []
   await new Promise<void>((resolve, reject) => {
     c.on('message', (m: Inside) => {
+      if (!('checkpoint' in m)) return // --progress
       const groups = group(readSmaps(c.pid!), BigInt(m.arenaBase), BigInt(m.arenaBytes))
       // smaps prints each mapping's Pss rounded down to a kB: a pool page shared by 17 one-page
       // mappings shows 0 kB in each. smaps_rollup sums before rounding, so the arena's mappings
@@ -236,5 +240,5 @@ else {
   }
   const workload = opt('workload', 'files') as WorkloadName
   if (!WORKLOAD_NAMES.includes(workload)) throw new RangeError(`--workload must be one of ${WORKLOAD_NAMES.join(', ')}`)
-  void parent(workload, Number(opt('size', '1024')), args.includes('--json'), args.includes('--malloc'))
+  void parent(workload, Number(opt('size', '1024')), args.includes('--json'), args.includes('--malloc'), args.includes('--progress'))
 }
