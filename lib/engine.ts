@@ -12,7 +12,7 @@ import { loadNative, NO_POOL, PAGE_SIZE, PageState, Status, type NativeArena, ty
 import type { ResolvedOptions } from './options'
 import { KernelKsm, type ProcessKsm } from './kernel'
 import { domainMix, Flag, SHARD_FIELDS, type HashTask, type Shard } from './protocol'
-import { StableNodes, U32List, UnstableTable } from './tables'
+import { sharedBytes, StableNodes, U32List, UnstableTable } from './tables'
 import hashShards from '../workers/hash'
 
 /** What pm.stats() reports, with the kernel's meanings where the kernel has the counter. */
@@ -108,6 +108,8 @@ interface Region {
   /** The arena's id for the allocation. */
   id: number
   ref: WeakRef<SharedArrayBuffer>
+  /** Where its bytes are mapped (fixed for its life): asked once, not as a bigint per shard of every batch. */
+  address: number
   pages: number
   /** First slot in the page arrays. */
   slot: number
@@ -161,9 +163,9 @@ class PageArrays {
   }
 
   grow(capacity: number): void {
-    const words = new Uint32Array(new SharedArrayBuffer(8 * capacity))
+    const words = new Uint32Array(sharedBytes(8 * capacity))
     words.set(this.words)
-    const flags = new Uint8Array(new SharedArrayBuffer(capacity))
+    const flags = new Uint8Array(sharedBytes(capacity))
     flags.set(this.flags)
     this.words = words
     this.flags = flags
@@ -220,14 +222,14 @@ export class Engine {
   private inCallback = false
   private readonly zero: { lo: number; hi: number }
   /** Two candidate arrays: in mergeNow() the workers hash one batch while the next is processed. */
-  private candidates = [0, 1].map(() => new Int32Array(new SharedArrayBuffer(4 * MERGE_NOW_BATCH)))
+  private candidates = [0, 1].map(() => new Int32Array(sharedBytes(4 * MERGE_NOW_BATCH)))
   /** The shard tables the hash tasks read (SHARD_FIELDS numbers per shard), one per candidate array, grown as needed. */
   private shardTables = [0, 1].map(() => new Float64Array(new SharedArrayBuffer(8 * SHARD_FIELDS * 64)))
   private flip = 0
   /** Batches being hashed: slots of buffers dropped meanwhile wait in freedInBatch. */
   private hashing = 0
-  private plan = new Uint8Array(MERGE_NOW_BATCH)
-  private planNode = new Int32Array(MERGE_NOW_BATCH)
+  private plan = new Uint8Array(sharedBytes(MERGE_NOW_BATCH))
+  private planNode = new Int32Array(sharedBytes(4 * MERGE_NOW_BATCH))
   /** Pages mapping a stable page, planned ones included: the sum of the nodes' sharers. */
   private sharersTotal = 0
   /** Pages in registered buffers (the regions' pages, summed as they come and go). */
@@ -235,7 +237,7 @@ export class Engine {
   /** A batch's lists (owners of new stable pages, and the extents of each bridge call), reused. */
   private readonly lists = { owners: new U32List(), zero: new U32List(), runs: new U32List(), merges: new U32List(), onOld: new U32List() }
   /** The bridge calls' record and status arrays, grown and reused: fresh ones per call left the C heap fragmented. */
-  private readonly scratch = { extents: new Uint32Array(1024), status: new Int32Array(256) }
+  private readonly scratch: { extents: Uint32Array<ArrayBufferLike>; status: Int32Array<ArrayBufferLike> } = { extents: new Uint32Array(1024), status: new Int32Array(256) }
   private c = {
     pagesScanned: 0,
     fullScans: 0,
@@ -277,7 +279,7 @@ export class Engine {
     if (this.byId.has(id)) return
     const pages = sab.byteLength / PAGE_SIZE
     const slot = this.takeSlots(pages)
-    const region: Region = { id, ref: new WeakRef(sab), pages, slot, domainKey: domain, domain: this.domainNumber(domain) }
+    const region: Region = { id, ref: new WeakRef(sab), address: Number(this.native.addressOf(sab)), pages, slot, domainKey: domain, domain: this.domainNumber(domain) }
     this.pages.flags.fill(0, slot, slot + pages)
     const at = this.regionIndex(slot)
     this.regions.splice(at, 0, region)
@@ -479,6 +481,7 @@ export class Engine {
         }
       } finally {
         await next?.hashed // a batch begun before an error: let its hashing finish
+        this.releaseBatchScratch()
       }
     })
   }
@@ -488,6 +491,20 @@ export class Engine {
    * merged nothing more in this process (or 12 scans have passed), or rejects at once if ksmd is
    * not running (run is not 1).
    */
+  /**
+   * Gives back what mergeNow()'s batches of MERGE_NOW_BATCH pages grew, none of which the next
+   * scan needs: the lists of a batch's extents, the bridge calls' arrays, the shard tables, and
+   * the unstable index (thrown away at the end of every full scan anyway; the next one grows it
+   * again). Kept, they held MiBs that the OS counted against what the merge freed (files: 8 MiB).
+   */
+  private releaseBatchScratch(): void {
+    for (const list of Object.values(this.lists)) list.release()
+    if (this.scratch.extents.length > 1024) this.scratch.extents = new Uint32Array(1024)
+    if (this.scratch.status.length > 256) this.scratch.status = new Int32Array(256)
+    this.shardTables = this.shardTables.map((t) => (t.length > SHARD_FIELDS * 64 ? new Float64Array(new SharedArrayBuffer(8 * SHARD_FIELDS * 64)) : t))
+    this.unstable.reset(0)
+  }
+
   private async awaitKsmd(onProgress: MergeNowOptions['onProgress']): Promise<Stats> {
     const start = this.kernel.counters()
     let lastScans = 0, lastMerged = -1
@@ -624,9 +641,9 @@ export class Engine {
    */
   private begin(max: number, share: boolean): Batch {
     if (this.candidates[0]!.length < max) {
-      this.candidates = [0, 1].map(() => new Int32Array(new SharedArrayBuffer(4 * max)))
-      this.plan = new Uint8Array(max)
-      this.planNode = new Int32Array(max)
+      this.candidates = [0, 1].map(() => new Int32Array(sharedBytes(4 * max)))
+      this.plan = new Uint8Array(sharedBytes(max))
+      this.planNode = new Int32Array(sharedBytes(4 * max))
     }
     const b: Batch = { shards: [], held: [], buffers: [], pages: 0, wrapped: false, candidates: this.candidates[(this.flip ^= 1)]! }
     while (b.pages < max && this.regions.length > 0) {
@@ -642,13 +659,13 @@ export class Engine {
       const count = Math.min(max - b.pages, r.pages - this.cursor.page)
       if (count > 0) {
         const mix = this.mixOf(r)
-        b.shards.push({ address: this.native.addressOf(buffer), firstPage: this.cursor.page, count, slot: r.slot + this.cursor.page, batchIndex: b.pages, mixLo: mix.lo, mixHi: mix.hi })
+        b.shards.push({ address: r.address, firstPage: this.cursor.page, count, slot: r.slot + this.cursor.page, batchIndex: b.pages, mixLo: mix.lo, mixHi: mix.hi })
         b.held.push(r)
         b.buffers.push(buffer)
         b.pages += count
       }
       this.cursor.page += count
-      if (this.cursor.page >= r.pages) this.cursor = { region: this.cursor.region + 1, page: 0 }
+      if (this.cursor.page >= r.pages) (this.cursor.region++), (this.cursor.page = 0) // no object per buffer
     }
     if (this.cursor.region >= this.regions.length) {
       this.cursor = { region: 0, page: 0 }
@@ -694,7 +711,7 @@ export class Engine {
     })
     if (merged.length === 0) return
     const extents = new Uint32Array(merged.length * 3)
-    merged.forEach((i, j) => extents.set([held[i]!.id, shards[i]!.firstPage, shards[i]!.count], j * 3))
+    merged.forEach((i, j) => ((extents[j * 3] = held[i]!.id), (extents[j * 3 + 1] = shards[i]!.firstPage), (extents[j * 3 + 2] = shards[i]!.count)))
     const counts = new Int32Array(merged.length)
     if (this.arena.reapWritten(extents, counts) === 0) return
     merged.forEach((i, j) => {
@@ -725,11 +742,11 @@ export class Engine {
     const which = this.candidates[0] === candidates ? 0 : 1
     let table = this.shardTables[which]!
     const most = (shards.length + this.options.workers + 1) * SHARD_FIELDS
-    if (table.length < most) this.shardTables[which] = table = new Float64Array(new SharedArrayBuffer(8 * 2 * most))
+    if (table.length < most) this.shardTables[which] = table = new Float64Array(sharedBytes(8 * 2 * most))
     const ends: number[] = [] // each task's last record + 1
     let n = 0, room = per
     for (const sh of shards) {
-      const address = Number(sh.address)
+      const address = sh.address
       let { firstPage, count, slot, batchIndex } = sh
       while (count > 0) {
         const take = Math.min(count, room), o = n++ * SHARD_FIELDS
@@ -1002,8 +1019,8 @@ export class Engine {
     const records = list.view()
     const n = records.length / stride
     if (n === 0) return
-    if (this.scratch.extents.length < n * nativeStride) this.scratch.extents = new Uint32Array(2 * n * nativeStride)
-    if (this.scratch.status.length < n) this.scratch.status = new Int32Array(2 * n)
+    if (this.scratch.extents.length < n * nativeStride) this.scratch.extents = new Uint32Array(sharedBytes(4 * 2 * n * nativeStride))
+    if (this.scratch.status.length < n) this.scratch.status = new Int32Array(sharedBytes(4 * 2 * n))
     const extents = this.scratch.extents.subarray(0, n * nativeStride), status = this.scratch.status.subarray(0, n)
     for (let i = 0; i < n; i++) for (let k = 0; k < nativeStride; k++) extents[i * nativeStride + k] = records[i * stride + k]!
     status.fill(0)

@@ -99,6 +99,8 @@ export interface NativeBinding {
   maxMapCount(): number
   /** Raw /proc/self/pagemap entries of the pages. */
   pagemap(buffer: Bytes, firstPage: number, count: number, out: BigUint64Array): number
+  /** Zeroed bytes in a private anonymous mapping of their own, unmapped when V8 frees the buffer. */
+  mappedBuffer(bytes: number): SharedArrayBuffer
   /** Where the buffer's bytes are mapped (to match /proc/self/smaps ranges). */
   addressOf(buffer: Bytes): bigint
   Arena: new (reserveBytes?: number) => NativeArena

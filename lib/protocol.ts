@@ -25,8 +25,8 @@ export const Flag = {
 
 /** A run of pages of one registered buffer, and where its per-page state lives. */
 export interface Shard {
-  /** Where the buffer is mapped: workers hash by address so as not to keep buffers alive. */
-  address: bigint
+  /** Where the buffer is mapped: workers hash by address so as not to keep buffers alive (below 2^47: exact as a number). */
+  address: number
   firstPage: number
   count: number
   /** First slot of this run in the page arrays. */

@@ -10,13 +10,29 @@
  * Equal keys of different bytes simply sit in the same probe run.
  */
 import { randomInt } from 'node:crypto'
+import { loadNative } from './native'
 import { probeStart, type StableView } from './protocol'
 
 const EMPTY = 0
 const MIN_BITS = 10
 
-const sabInt32 = (n: number) => new Int32Array(new SharedArrayBuffer(n * 4))
-const sabUint32 = (n: number) => new Uint32Array(new SharedArrayBuffer(n * 4))
+/** From this size up, the engine's arrays get a mapping of their own: see sharedBytes(). */
+const OWN_MAPPING_BYTES = 64 * 1024
+
+/**
+ * Zeroed shared bytes for the engine's tables and scratch arrays. Large ones are mapped on their
+ * own (the addon's mappedBuffer) rather than malloc'd by V8: glibc raises its mmap threshold to
+ * the largest block freed (up to 32 MiB), so after an application has freed one large buffer, the
+ * MiBs that a merge's arrays grow to and give back stay in the C heap, and the OS counts them
+ * against what the merge freed (scattered at 1 GiB: 5 MiB). A mapping of their own is unmapped
+ * when V8 frees the buffer.
+ */
+export function sharedBytes(bytes: number): SharedArrayBuffer {
+  return bytes < OWN_MAPPING_BYTES ? new SharedArrayBuffer(bytes) : loadNative().mappedBuffer(bytes)
+}
+
+const sabInt32 = (n: number) => new Int32Array(sharedBytes(n * 4))
+const sabUint32 = (n: number) => new Uint32Array(sharedBytes(n * 4))
 
 /** Bits of the smallest table for n entries at a load of at most 1/2. */
 function bitsFor(n: number): number {
@@ -111,7 +127,7 @@ export class StableNodes extends Table {
   keyHi = sabUint32(1024)
   pool = sabUint32(1024)
   /** Pages mapping each node, planned ones included (maxPageSharing ≤ 65535 keeps it in 16 bits). */
-  sharers = new Uint16Array(1024)
+  sharers: Uint16Array<ArrayBufferLike> = new Uint16Array(1024)
   /** Next node in a chain of dups with the same content (maxPageSharing): rare, so a Map. */
   private readonly dups = new Map<number, number>()
   /** Nodes in use. */
@@ -210,7 +226,7 @@ export class StableNodes extends Table {
     this.keyLo = copy(this.keyLo)
     this.keyHi = copy(this.keyHi)
     this.pool = copy(this.pool)
-    const sharers = new Uint16Array(capacity)
+    const sharers = new Uint16Array(sharedBytes(2 * capacity))
     sharers.set(this.sharers)
     this.sharers = sharers
   }
@@ -271,7 +287,7 @@ export class UnstableTable extends Table {
  * per page, enough to grow V8's young generation by tens of MiB during a large merge.
  */
 export class U32List {
-  data = new Uint32Array(1024)
+  data: Uint32Array<ArrayBufferLike> = new Uint32Array(1024)
   length = 0
 
   clear(): this {
@@ -307,6 +323,12 @@ export class U32List {
     this.length += other.length
   }
 
+  /** Empties the list and gives back what it grew to (a large batch's records: MiBs). */
+  release(): void {
+    this.length = 0
+    if (this.data.length > 1024) this.data = new Uint32Array(1024)
+  }
+
   /** The numbers, as a view (valid until the list grows). */
   view(): Uint32Array {
     return this.data.subarray(0, this.length)
@@ -314,7 +336,7 @@ export class U32List {
 
   private reserve(n: number): void {
     if (n <= this.data.length) return
-    const d = new Uint32Array(Math.max(n, 2 * this.data.length))
+    const d = sabUint32(Math.max(n, 2 * this.data.length))
     d.set(this.data.subarray(0, this.length))
     this.data = d
   }

@@ -2,6 +2,7 @@
 #include "procfs.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -101,6 +102,24 @@ Napi::Value AddressOf(const Napi::CallbackInfo& info) {
   return Napi::BigInt::New(info.Env(), static_cast<uint64_t>(reinterpret_cast<uintptr_t>(b.data)));
 }
 
+void Unmap(void* data, size_t length, void* /*deleterData*/) {
+  if (data) munmap(data, length);  // rounded up to whole pages by the kernel
+}
+
+// mappedBuffer(bytes) -> SharedArrayBuffer over a private anonymous mapping of its own, unmapped
+// when V8 frees it. For the engine's large scratch arrays: freed, malloc'd memory of that size
+// often stays in the C heap (glibc raises its mmap threshold to the largest block freed), where
+// the OS goes on counting it against what a merge gave back.
+Napi::Value MappedBuffer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t bytes;
+  if (!ArgIndex(info, 0, "bytes", 9007199254740991.0, &bytes)) return Napi::Value();
+  if (bytes == 0) return ThrowRange(env, code::OUT_OF_RANGE, "bytes must be at least 1");
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return ThrowErrno(env, errno, "mmap", "cannot map " + std::to_string(bytes) + " bytes");
+  return Napi::Value(env, NewSharedArrayBuffer(env, p, bytes, Unmap, nullptr));
+}
+
 }  // namespace
 
 void InitProcfs(Napi::Env env, Napi::Object exports) {
@@ -108,6 +127,7 @@ void InitProcfs(Napi::Env env, Napi::Object exports) {
   exports.Set("maxMapCount", Napi::Function::New(env, MaxMappings, "maxMapCount"));
   exports.Set("pagemap", Napi::Function::New(env, Pagemap, "pagemap"));
   exports.Set("addressOf", Napi::Function::New(env, AddressOf, "addressOf"));
+  exports.Set("mappedBuffer", Napi::Function::New(env, MappedBuffer, "mappedBuffer"));
 }
 
 }  // namespace pm
