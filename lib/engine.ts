@@ -487,11 +487,6 @@ export class Engine {
   }
 
   /**
-   * mergeNow() with engine 'kernel': waits until ksmd has seen every page twice and a whole scan
-   * merged nothing more in this process (or 12 scans have passed), or rejects at once if ksmd is
-   * not running (run is not 1).
-   */
-  /**
    * Gives back what mergeNow()'s batches of MERGE_NOW_BATCH pages grew, none of which the next
    * scan needs: the lists of a batch's extents, the bridge calls' arrays, the shard tables, and
    * the unstable index (thrown away at the end of every full scan anyway; the next one grows it
@@ -505,6 +500,11 @@ export class Engine {
     this.unstable.reset(0)
   }
 
+  /**
+   * mergeNow() with engine 'kernel': waits until ksmd has seen every page twice and a whole scan
+   * merged nothing more in this process (or 12 scans have passed), or rejects at once if ksmd is
+   * not running (run is not 1).
+   */
   private async awaitKsmd(onProgress: MergeNowOptions['onProgress']): Promise<Stats> {
     const start = this.kernel.counters()
     let lastScans = 0, lastMerged = -1
