@@ -61,13 +61,13 @@ export interface Stats {
   writeProtection: 'full' | 'user' | 'none'
 }
 
-/** What mergeNow() reports to onProgress after each batch. */
+/** What mergeNow() and background scanning report to onProgress. */
 export interface MergeProgress {
   /** Pages scanned so far in the current full scan (with engine 'kernel': ksmd's pages_scanned since the call). */
   pagesScanned: number
   /** Pages in registered buffers: one full scan. */
   pagesTotal: number
-  /** Full scans finished since mergeNow() was called. */
+  /** Full scans finished since mergeNow() (or start()) was called. */
   fullScans: number
   /** Pages saved so far, as stats() counts them (with engine 'kernel': the kernel's). */
   pagesSharing: number
@@ -77,6 +77,17 @@ export interface MergeProgress {
 /** Options of mergeNow(). */
 export interface MergeNowOptions {
   /** Called after every batch; keep it quick, it runs on the scanning thread. */
+  onProgress?: (progress: MergeProgress) => void
+}
+
+/** Options of start(). */
+export interface StartOptions {
+  /**
+   * Called after every batch that changed what is saved (pages merged, dropped as zero pages, or
+   * unmerged by a write) and at the end of every full scan: progress without polling stats(),
+   * whose own timer would wake the thread more often than the scanner does. Keep it quick; if it
+   * throws, scanning stops and stop() rejects with the error.
+   */
   onProgress?: (progress: MergeProgress) => void
 }
 
@@ -210,6 +221,8 @@ export class Engine {
   private queued = 0
   private cursor = { region: 0, page: 0 }
   private background: Promise<void> | undefined
+  /** start()'s onProgress. */
+  private backgroundProgress: StartOptions['onProgress']
   /** Ends the background scanner's sleep early: its timer is unref'd, so stop() must not wait on it. */
   private wake: (() => void) | undefined
   private running = false
@@ -450,7 +463,7 @@ export class Engine {
 
   mergeNow(options: MergeNowOptions = {}): Promise<Stats> {
     this.assertOpen('mergeNow')
-    const onProgress = progressOption(options)
+    const onProgress = progressOption(options, 'mergeNow')
     if (this.options.engine === 'kernel') return this.exclusive(() => this.awaitKsmd(onProgress))
     return this.exclusive(async () => {
       const scansBefore = this.c.fullScans
@@ -528,9 +541,13 @@ export class Engine {
     }
   }
 
-  /** Background scanning; with engine 'kernel' ksmd scans by itself, so there is nothing to start. */
-  start(): void {
+  /**
+   * Background scanning; with engine 'kernel' ksmd scans by itself, so there is nothing to start
+   * (and onProgress is not called). While scanning, start() changes nothing but onProgress.
+   */
+  start(options: StartOptions = {}): void {
     this.assertOpen('start')
+    this.backgroundProgress = progressOption(options, 'start')
     if (this.running || this.options.engine === 'kernel') return
     this.running = true
     // A stop() that was not awaited lets its loop finish first: never two loops at once.
@@ -548,6 +565,8 @@ export class Engine {
       let timer: NodeJS.Timeout | undefined
       let armedFor = -1 // the sleep the timer was made with: a setOptions() since needs a new one
       let inBatch = false // a batch through the queue: stop() waits for it, as for a synchronous one
+      const scansBefore = this.c.fullScans
+      let sharers = this.sharersTotal, zeros = this.c.zeroPages, scans = scansBefore // as last reported
       const finish = (failed: boolean, err?: unknown) => {
         if (failed) this.failure = err
         this.running = false
@@ -555,8 +574,20 @@ export class Engine {
         clearTimeout(timer)
         done()
       }
+      const report = () => {
+        const onProgress = this.backgroundProgress
+        if (!onProgress || (this.sharersTotal === sharers && this.c.zeroPages === zeros && this.c.fullScans === scans)) return
+        ;(sharers = this.sharersTotal), (zeros = this.c.zeroPages), (scans = this.c.fullScans)
+        const st = this.stats()
+        this.callback(onProgress, { pagesScanned: this.c.inScan, pagesTotal: st.pagesTracked, fullScans: scans - scansBefore, pagesSharing: st.pagesSharing, zeroPages: st.zeroPages })
+      }
       const sleep = () => {
         inBatch = false
+        try {
+          report()
+        } catch (err) {
+          return finish(true, err)
+        }
         if (!this.running) return finish(false)
         const ms = this.options.sleepMillisecs
         if (timer && ms === armedFor) timer.refresh()
@@ -1161,13 +1192,13 @@ export class Engine {
   }
 }
 
-/** Checks mergeNow()'s options; returns its onProgress. */
-function progressOption(options: unknown): MergeNowOptions['onProgress'] {
-  if (!isOptionsObject(options)) throw typeError(ErrorCode.INVALID_ARG, 'options must be an object')
+/** Checks the options of mergeNow() or start(); returns their onProgress. */
+function progressOption(options: unknown, method: 'mergeNow' | 'start'): MergeNowOptions['onProgress'] {
+  if (!isOptionsObject(options)) throw typeError(ErrorCode.INVALID_ARG, `${method}() options must be an object`)
   for (const key of Object.keys(options))
-    if (key !== 'onProgress') throw typeError(ErrorCode.UNKNOWN_OPTION, `unknown option "${key}"; the only option is "onProgress"`)
+    if (key !== 'onProgress') throw typeError(ErrorCode.UNKNOWN_OPTION, `unknown option "${key}" of ${method}(); the only option is "onProgress"`)
   const { onProgress } = options as MergeNowOptions
-  if (onProgress !== undefined && typeof onProgress !== 'function') throw typeError(ErrorCode.INVALID_ARG, 'options.onProgress must be a function')
+  if (onProgress !== undefined && typeof onProgress !== 'function') throw typeError(ErrorCode.INVALID_ARG, `${method}() options.onProgress must be a function`)
   return onProgress
 }
 

@@ -1,6 +1,6 @@
 // The package's entry: re-exports only.
 export { PageMerger, type BufferOptions } from './page-merger'
-export type { Stats, BufferStats, MergeProgress, MergeNowOptions } from './engine'
+export type { Stats, BufferStats, MergeProgress, MergeNowOptions, StartOptions } from './engine'
 export type { PageMergerOptions, ResolvedOptions, Engine } from './options'
 export { ErrorCode, type CodedError } from './errors'
 export { smapsRollup, meminfo, rangePss, type MemoryRollup } from './procfs'

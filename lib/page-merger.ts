@@ -2,7 +2,7 @@
  * The public face of pagemerge: a thin class over the private engine (lib/engine.ts), so that
  * what users can touch is exactly what is documented.
  */
-import { Engine, type BufferStats, type MergeNowOptions, type Stats } from './engine'
+import { Engine, type BufferStats, type MergeNowOptions, type StartOptions, type Stats } from './engine'
 import type { KernelKsm } from './kernel'
 import { error, ErrorCode, isOptionsObject, typeError } from './errors'
 import { resolveOptions, validatePartial, type PageMergerOptions, type ResolvedOptions } from './options'
@@ -89,9 +89,12 @@ export class PageMerger {
     return this.#engine.mergeNow(options)
   }
 
-  /** Starts background scanning: pagesToScan pages every sleepMillisecs ms (like run=1). */
-  start(): void {
-    this.#engine.start()
+  /**
+   * Starts background scanning: pagesToScan pages every sleepMillisecs ms (like run=1).
+   * `onProgress` is called after every batch that changed what is saved and after every full scan.
+   */
+  start(options?: StartOptions): void {
+    this.#engine.start(options)
   }
 
   /** Stops background scanning after the batch in progress (like run=0). */

@@ -336,10 +336,9 @@ t.test('views that do start at byte 0 are the buffer itself (documented), not fo
     t.strictSame(f.pm.bufferStats(view as Buffer), f.pm.bufferStats(f.a), `bufferStats(${what})`)
 })
 
-t.test('mergeNow(options): bad options throw synchronously, nothing is queued', async (t) => {
-  const f = await fixture()
-  t.teardown(() => f.pm.close())
-  const cases: Array<[string, unknown, Expect]> = [
+/** Bad options objects for mergeNow() and start(), which take the same: { onProgress }. */
+function progressOptionCases(): Array<[string, unknown, Expect]> {
+  return [
     ['null', null, type(ErrorCode.INVALID_ARG)],
     ['a number', 5, type(ErrorCode.INVALID_ARG)],
     ['a string', 'now', type(ErrorCode.INVALID_ARG)],
@@ -358,7 +357,19 @@ t.test('mergeNow(options): bad options throw synchronously, nothing is queued', 
     ['a getter that throws', throwingGetter('onProgress'), CALLER],
     ['a Proxy whose ownKeys throws', throwingKeys(), CALLER],
   ]
-  await table(t, f, cases.map(([what, v, want]) => [`mergeNow(${what})`, () => f.pm.mergeNow(v as object), want]))
+}
+
+t.test('mergeNow(options): bad options throw synchronously, nothing is queued', async (t) => {
+  const f = await fixture()
+  t.teardown(() => f.pm.close())
+  await table(t, f, progressOptionCases().map(([what, v, want]) => [`mergeNow(${what})`, () => f.pm.mergeNow(v as object), want]))
+})
+
+t.test('start(options): bad options throw synchronously, scanning does not start', async (t) => {
+  const f = await fixture()
+  t.teardown(() => f.pm.close())
+  await table(t, f, progressOptionCases().map(([what, v, want]) => [`start(${what})`, () => f.pm.start(v as object), want]))
+  t.equal(f.pm.running, false, 'not scanning')
 })
 
 t.test('mergeNow({ onProgress }) whose callback throws: rejects with that error, bytes intact, the next scan works', async (t) => {

@@ -401,6 +401,40 @@ t.test('background: a page rewritten between every scan never merges; it merges 
   await pm.close()
 })
 
+t.test('start({ onProgress }): called when what is saved changes and after every full scan, never on a quiet batch', async (t) => {
+  const pm = new PageMerger({ pagesToScan: 16, sleepMillisecs: 1 })
+  const a = pm.alloc(64 * PAGE), b = pm.alloc(64 * PAGE)
+  fillRandom(a, 21)
+  b.set(a)
+  const seen: Array<{ pagesScanned: number; pagesTotal: number; fullScans: number; pagesSharing: number; zeroPages: number }> = []
+  let settled!: () => void
+  const done = new Promise<void>((r) => (settled = r))
+  pm.start({ onProgress: (p) => (seen.push({ ...p }), p.pagesSharing === 64 && p.fullScans >= 4 && settled()) })
+  await done
+  await pm.stop()
+  // 8 batches a scan: a call per batch would be 32 calls by now; changes and scan ends are far fewer
+  t.ok(seen.length < 24, `${seen.length} calls in ${seen.at(-1)!.fullScans} full scans`)
+  t.ok(seen.every((p, i) => i === 0 || p.fullScans > seen[i - 1]!.fullScans || p.pagesSharing !== seen[i - 1]!.pagesSharing || p.zeroPages !== seen[i - 1]!.zeroPages), 'each call reports a change or a scan ended')
+  const scans = seen.map((p) => p.fullScans).filter((n, i, all) => i === 0 || n !== all[i - 1])
+  t.same(scans, Array.from({ length: scans.at(-1)! - scans[0]! + 1 }, (_, i) => scans[0]! + i), 'every full scan is reported, in order')
+  t.ok(seen.every((p) => p.pagesTotal === 128 && p.pagesScanned <= 128), 'pagesTotal and pagesScanned')
+  t.ok(seen.some((p) => p.pagesSharing > 0 && p.pagesSharing < 64), 'merges reported as they happen, batch by batch')
+  t.equal(pm.stats().pagesSharing, 64, 'stats() agrees')
+  t.ok(a.equals(b), 'bytes intact')
+  // A throwing callback stops scanning; stop() rejects with its error, and bytes stay.
+  a[0] = a[0]! ^ 1 // a change, so that the next scan reports (a merged page written: one sharer fewer)
+  const mine = Object.assign(new Error('from the callback'), { code: 'MINE' })
+  pm.start({ onProgress: () => { throw mine } })
+  await gcUntil(() => !pm.running)
+  t.equal(pm.running, false, 'scanning stopped')
+  await t.rejects(pm.stop(), { code: 'MINE' }, 'stop() rejects with the error')
+  t.equal(b[0], a[0]! ^ 1, 'the write stayed private')
+  throwsCoded(t, () => pm.start({ onProgress: 5 as unknown as () => void }), TypeError, ErrorCode.INVALID_ARG, 'onProgress not a function')
+  throwsCoded(t, () => pm.start({ onProgres: () => {} } as object), TypeError, ErrorCode.UNKNOWN_OPTION, 'misspelt option')
+  t.equal(pm.running, false, 'bad options start nothing')
+  await pm.close()
+})
+
 // ---- 9. domains ------------------------------------------------------------------------------
 
 t.test('different domains never share a page', async (t) => {
