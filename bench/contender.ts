@@ -87,7 +87,6 @@ export type ChildMessage =
 export type ParentMessage = { type: 'go' } | { type: 'stop' }
 
 const SETTLE_MS = 300 // worker threads start at a PageMerger's first alloc(): let them finish starting
-const BG_POLL_MS = 50
 const PROGRESS_MS = 250
 const WRITER_BATCH = 256 // pages the writer rewrites between 1 ms pauses: it leaves the scanner some CPU on 2 cores
 
@@ -288,27 +287,23 @@ async function runPageMerger(spec: Spec): Promise<ChildResult> {
     wallS = seconds(start)
     cpuS = ownCpu()
   } else {
-    pm.start()
-    const freed = (s: Stats) => s.pagesSharing + s.zeroPages
-    let s = pm.stats()
-    const scans0 = s.fullScans
-    let best = freed(s), riseScans = s.fullScans, riseWall = 0, riseCpu = 0, lastProgress = 0
-    const deadline = spec.timeoutMs ?? 300_000
-    for (;;) {
-      await sleep(BG_POLL_MS)
-      s = pm.stats()
-      const wall = seconds(start)
-      if (freed(s) > best) (best = freed(s)), (riseScans = s.fullScans), (riseWall = wall), (riseCpu = ownCpu())
-      if (wall * 1e3 - lastProgress >= PROGRESS_MS) (lastProgress = wall * 1e3), send({ type: 'progress', freedPages: best, fullScans: s.fullScans })
-      if (best >= w.ideal.freedPages) break // converged: nothing left to merge
-      if (s.fullScans >= riseScans + 2 && s.fullScans >= scans0 + 3) break // converged: a whole full scan merged nothing new (and merging had its chance: it starts in the second scan)
-      if (wall * 1e3 > deadline) {
-        converged = false
-        ;(riseWall = wall), (riseCpu = ownCpu())
-        break
-      }
-    }
-    stats = s
+    const freed = (p: { pagesSharing: number; zeroPages: number }) => p.pagesSharing + p.zeroPages
+    let best = freed(pm.stats()), riseScans = 0, riseWall = 0, riseCpu = 0, lastProgress = 0
+    // No polling: onProgress reports from inside the scanner's own wake-ups. A timer of ours would
+    // wake this thread more often than the scanner does, and its CPU would be counted as the scanner's.
+    converged = await new Promise<boolean>((resolve) => {
+      const deadline = setTimeout(() => ((riseWall = seconds(start)), (riseCpu = ownCpu()), resolve(false)), spec.timeoutMs ?? 300_000)
+      pm.start({
+        onProgress: (p) => {
+          const wall = seconds(start)
+          if (freed(p) > best) (best = freed(p)), (riseScans = p.fullScans), (riseWall = wall), (riseCpu = ownCpu())
+          if (wall * 1e3 - lastProgress >= PROGRESS_MS) (lastProgress = wall * 1e3), void send({ type: 'progress', freedPages: best, fullScans: p.fullScans })
+          // converged: nothing left to merge, or a whole full scan merged nothing new (and merging had its chance: it starts in the second scan)
+          if (best >= w.ideal.freedPages || (p.fullScans >= riseScans + 2 && p.fullScans >= 3)) clearTimeout(deadline), resolve(true)
+        },
+      })
+    })
+    stats = pm.stats()
     wallS = riseWall
     cpuS = riseCpu
     await pm.stop()

@@ -21,6 +21,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { parseArgs } from 'node:util'
 import { loadNative, PAGE_SIZE } from '../lib/native'
 import { PageMerger } from '../lib/page-merger'
+import type { Stats } from '../lib/engine'
 import { meminfo, smapsRollup } from '../lib/procfs'
 import { fillRandom, gcRounds, gcUntil, GiB, integerOption, limitBuffer, machine, machineLine, MiB, pagesOf, printTable, readHalves, series, Series, seriesJson, time, type Row } from './common'
 
@@ -29,7 +30,6 @@ const BLOB = 32 * MiB // each blob of random bytes, present in two buffers
 const KSM_DEFAULTS = { pagesToScan: 100, sleepMillisecs: 20 } // ksmd's pages_to_scan and sleep_millisecs
 /** Worker threads start at a PageMerger's first alloc(); this lets them finish starting before anything is timed. */
 const SETTLE_MS = 300
-const POLL_MS = 50
 const TIMEOUT_MS = 120_000
 const GOAL = {
   wallMsPerGiB: 400, // mergeNow() wall time
@@ -199,9 +199,9 @@ async function measureClones(bytes: number, seed: number): Promise<PageMerger> {
 }
 
 /**
- * One run of the background scanner at ksmd's default knobs: start(), then stats() every 50 ms
- * until every copy shares a page (pagesSharing = pages / 2) or 120 s pass. CPU is the whole
- * process's (scanner, workers, and this polling loop). Returns the closed PageMerger.
+ * One run of the background scanner at ksmd's default knobs: start(), until its onProgress says
+ * every copy shares a page (pagesSharing = pages / 2) or 120 s pass. CPU is the whole process's
+ * (scanner, workers). Returns the closed PageMerger.
  */
 async function measureBackground(bytes: number, seed: number): Promise<PageMerger> {
   const pm = new PageMerger(KSM_DEFAULTS)
@@ -211,12 +211,12 @@ async function measureBackground(bytes: number, seed: number): Promise<PageMerge
   await gcRounds(3, 'bench:scanner')
   const cpu = process.cpuUsage()
   const start = performance.now()
-  pm.start()
-  let stats = pm.stats()
-  while (stats.pagesSharing < ideal && performance.now() - start < TIMEOUT_MS) {
-    await sleep(POLL_MS)
-    stats = pm.stats()
-  }
+  // No polling: onProgress reports from inside the scanner's own wake-ups (a timer of ours would
+  // wake this thread more often than the scanner, and be counted in its CPU)
+  const stats = await new Promise<Stats>((resolve) => {
+    const deadline = setTimeout(() => resolve(pm.stats()), TIMEOUT_MS)
+    pm.start({ onProgress: (p) => void (p.pagesSharing >= ideal && (clearTimeout(deadline), resolve(pm.stats()))) })
+  })
   const wall = performance.now() - start
   const used = process.cpuUsage(cpu)
   await pm.stop()
