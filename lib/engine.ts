@@ -248,9 +248,9 @@ export class Engine {
   /** Pages in registered buffers (the regions' pages, summed as they come and go). */
   private trackedPages = 0
   /** A batch's lists (owners of new stable pages, and the extents of each bridge call), reused. */
-  private readonly lists = { owners: new U32List(), zero: new U32List(), runs: new U32List(), merges: new U32List(), onOld: new U32List() }
+  private readonly lists = { owners: new U32List(), zero: new U32List(), runs: new U32List(), merges: new U32List(), onOld: new U32List(), reap: new U32List(), reapShards: new U32List() }
   /** The bridge calls' record and status arrays, grown and reused: fresh ones per call left the C heap fragmented. */
-  private readonly scratch: { extents: Uint32Array<ArrayBufferLike>; status: Int32Array<ArrayBufferLike> } = { extents: new Uint32Array(1024), status: new Int32Array(256) }
+  private readonly scratch: { extents: Uint32Array<ArrayBufferLike>; status: Int32Array<ArrayBufferLike>; outPool: Uint32Array<ArrayBufferLike> } = { extents: new Uint32Array(1024), status: new Int32Array(256), outPool: new Uint32Array(256) }
   private c = {
     pagesScanned: 0,
     fullScans: 0,
@@ -508,7 +508,7 @@ export class Engine {
   private releaseBatchScratch(): void {
     for (const list of Object.values(this.lists)) list.release()
     if (this.scratch.extents.length > 1024) this.scratch.extents = new Uint32Array(1024)
-    if (this.scratch.status.length > 256) this.scratch.status = new Int32Array(256)
+    if (this.scratch.status.length > 256) (this.scratch.status = new Int32Array(256)), (this.scratch.outPool = new Uint32Array(256))
     this.shardTables = this.shardTables.map((t) => (t.length > SHARD_FIELDS * 64 ? new Float64Array(new SharedArrayBuffer(8 * SHARD_FIELDS * 64)) : t))
     this.unstable.reset(0)
   }
@@ -614,13 +614,14 @@ export class Engine {
   /** One batch of background scanning; a promise only when its hashing went to the workers. */
   private scanStep(): Promise<void> | undefined {
     const b = this.begin(this.options.pagesToScan, true)
-    const end = () => {
-      this.process(b, false)
-      if (b.wrapped) this.endScan(true)
-    }
-    if (b.hashed) return b.hashed.then(end)
-    end()
+    if (b.hashed) return b.hashed.then(() => this.finishStep(b))
+    this.finishStep(b)
     return undefined
+  }
+
+  private finishStep(b: Batch): void {
+    this.process(b, false)
+    if (b.wrapped) this.endScan(true)
   }
 
   /** Stops background scanning after its current batch; rejects with the error that stopped it, if one did. */
@@ -728,26 +729,27 @@ export class Engine {
    */
   private survey({ shards, held, buffers }: Batch): void {
     const { flags, words } = this.pages
-    const merged: number[] = [] // shards holding merged pages
-    shards.forEach((sh, i) => {
+    const reap = this.lists.reap.clear() // [id, page, count] of the shards holding merged pages
+    const which = this.lists.reapShards.clear() // and their indexes in the batch
+    for (let i = 0; i < shards.length; i++) {
+      const sh = shards[i]!
       let any = 0
       for (let s = sh.slot; s < sh.slot + sh.count; s++) any |= flags[s]!
-      if (any & Flag.MERGED) merged.push(i)
+      if (any & Flag.MERGED) reap.push3(held[i]!.id, sh.firstPage, sh.count), which.push(i)
       if (any & Flag.ZERO) {
         const entries = new BigUint64Array(sh.count)
         this.native.pagemap(buffers[i]!, sh.firstPage, sh.count, entries)
         for (let k = 0; k < sh.count; k++)
           if (flags[sh.slot + k]! & Flag.ZERO && entries[k]! >> 62n !== 0n) flags[sh.slot + k] = flags[sh.slot + k]! | Flag.TOUCHED
       }
-    })
-    if (merged.length === 0) return
-    const extents = new Uint32Array(merged.length * 3)
-    merged.forEach((i, j) => ((extents[j * 3] = held[i]!.id), (extents[j * 3 + 1] = shards[i]!.firstPage), (extents[j * 3 + 2] = shards[i]!.count)))
-    const counts = new Int32Array(merged.length)
-    if (this.arena.reapWritten(extents, counts) === 0) return
-    merged.forEach((i, j) => {
-      const sh = shards[i]!
-      if (counts[j] === 0) return
+    }
+    if (which.length === 0) return
+    // the bridge calls' status array, free between them, holds the counts
+    const counts = this.scratch.status.length >= which.length ? this.scratch.status.subarray(0, which.length) : new Int32Array(which.length)
+    if (this.arena.reapWritten(reap.view(), counts) === 0) return
+    for (let j = 0; j < which.length; j++) {
+      if (counts[j] === 0) continue
+      const i = which.data[j]!, sh = shards[i]!
       const states = new Uint8Array(sh.count), pools = new Uint32Array(sh.count)
       this.arena.pageStates(buffers[i]!, sh.firstPage, sh.count, states, pools)
       for (let k = 0; k < sh.count; k++) {
@@ -757,7 +759,7 @@ export class Engine {
           flags[s] = flags[s]! & ~(Flag.MERGED | Flag.OWNER | Flag.HASHED) // hashed afresh, as a new page
         }
       }
-    })
+    }
   }
 
   /**
@@ -819,10 +821,10 @@ export class Engine {
     // Unstable entries that can no longer pair: merged (their words hold a node), pending, dropped;
     // and a slot that is not HASHED belongs to no page now (its buffer was collected, the slot freed).
     const busy = Flag.MERGED | Flag.PENDING | Flag.ZERO
-    shards.forEach((sh, i) => {
-      const r = held[i]!
+    for (let i = 0; i < shards.length; i++) {
+      const sh = shards[i]!, r = held[i]!
       plan.fill(Plan.NONE, sh.batchIndex, sh.batchIndex + sh.count)
-      if (this.byId.get(r.id) !== r) return // unregistered while its pages were being hashed
+      if (this.byId.get(r.id) !== r) continue // unregistered while its pages were being hashed
       this.c.pagesScanned += sh.count
       this.c.inScan += sh.count
       const zeroLo = (zero.lo ^ sh.mixLo) >>> 0, zeroHi = (zero.hi ^ sh.mixHi) >>> 0
@@ -868,7 +870,7 @@ export class Engine {
         plan[bi] = Plan.STABLE
         planNode[bi] = node
       }
-    })
+    }
     this.applyZero(shards, held)
     this.applyStable(owners, shards, held)
     const failure = this.bridgeError
@@ -877,8 +879,9 @@ export class Engine {
   }
 
   private applyZero(shards: Shard[], held: Region[]): void {
-    const ext = this.lists.zero.clear()
-    shards.forEach((sh, i) => {
+    const ext = this.lists.zero.clear() // [id, page, count, first slot]
+    for (let i = 0; i < shards.length; i++) {
+      const sh = shards[i]!
       for (let k = 0; k < sh.count; ) {
         if (this.plan[sh.batchIndex + k] !== Plan.ZERO) {
           k++
@@ -889,13 +892,16 @@ export class Engine {
         ext.push4(held[i]!.id, sh.firstPage + k, end - k, sh.slot + k)
         k = end
       }
-    })
-    this.run('dropZero', ext, 4, 3, 2, (extents, status) => this.arena.dropZero(extents, status, this.options.mapBudget), (e, ok) => {
-      if (!ok) return
-      for (let s = e[3]!; s < e[3]! + e[2]!; s++) this.pages.flags[s] = (this.pages.flags[s]! | Flag.ZERO) & ~Flag.OWNER
-      this.c.zeroPages += e[2]!
-      this.c.mergedThisScan += e[2]!
-    })
+    }
+    const status = this.callBridge('dropZero', ext, 4, 3, 2)
+    const e = ext.data, flags = this.pages.flags
+    for (let i = 0; i < status.length; i++) {
+      if (status[i] !== Status.OK) continue
+      const first = e[4 * i + 3]!, count = e[4 * i + 2]!
+      for (let s = first; s < first + count; s++) flags[s] = (flags[s]! | Flag.ZERO) & ~Flag.OWNER
+      this.c.zeroPages += count
+      this.c.mergedThisScan += count
+    }
   }
 
   /**
@@ -922,39 +928,26 @@ export class Engine {
       i = j
     }
     const runs = runList.view()
-    const runOf = (provisional: number) => {
-      const at = provisional & ~PROVISIONAL
-      let lo = 0, hi = runs.length / 6 - 1
-      while (lo < hi) {
-        const mid = (lo + hi + 1) >> 1
-        if (runs[mid * 6 + 5]! <= at) lo = mid
-        else hi = mid - 1
-      }
-      return lo
-    }
     const mergeList = this.planMerges(shards, held) // [id, page, pool, count, slot, batch index]
     const merges = mergeList.view()
-    for (let m = 0; m < merges.length; m += 6) if (merges[m + 2]! & PROVISIONAL) runs[runOf(merges[m + 2]!) * 6 + 3]!++
-    const made = new Int32Array(runs.length / 6).fill(-1) // first pool page of each run, or -1
-    const refused = new Uint8Array(runs.length / 6) // runs the budget refused: their merges are skipped too
-    const outPool = new Uint32Array(runs.length / 6)
+    for (let m = 0; m < merges.length; m += 6) if (merges[m + 2]! & PROVISIONAL) runs[runOf(runs, merges[m + 2]!) * 6 + 3]!++
     // A run the budget refuses costs the pages that would have merged onto it, counted below, not its own.
-    this.run('stabilize', runList, 6, 4, undefined, (extents, status) => this.arena.stabilize(extents, status, this.options.mapBudget, outPool), (e, ok, n, status) => {
-      if (ok) made[n] = outPool[n]!
-      if (status === Status.BUDGET) refused[n] = 1
-      for (let k = 0; k < e[2]!; k++) {
-        const s = e[4]! + k
+    const status = this.callBridge('stabilize', runList, 6, 4, undefined)
+    const outPool = this.scratch.outPool // first pool page of each run made
+    for (let n = 0; n < status.length; n++) {
+      const ok = status[n] === Status.OK, first = runs[6 * n + 4]!, count = runs[6 * n + 2]!
+      for (let s = first; s < first + count; s++) {
         const node = words[2 * s]!
         flags[s] = flags[s]! & ~Flag.PENDING
         if (ok) {
-          pool[node] = outPool[n]! + k
+          pool[node] = outPool[n]! + (s - first)
           flags[s] = flags[s]! | Flag.MERGED | Flag.OWNER
         } else {
           pool[node] = NO_POOL
           flags[s] = flags[s]! & ~Flag.HASHED // its words hold the node now: hashed afresh next time
         }
       }
-    })
+    }
     for (const s of owners) // owners whose region went away before the run was made
       if (flags[s]! & Flag.PENDING) flags[s] = flags[s]! & ~(Flag.PENDING | Flag.HASHED)
     // Provisional numbers become pool pages; merges onto a run that was not made are dropped. The
@@ -968,20 +961,21 @@ export class Engine {
         onOld.push6(merges[m]!, merges[m + 1]!, first, count, merges[m + 4]!, merges[m + 5]!)
         continue
       }
-      const n = runOf(first)
-      if (made[n]! < 0) {
-        if (refused[n]) this.c.skipped += count
+      const n = runOf(runs, first)
+      if (status[n] !== Status.OK) {
+        if (status[n] === Status.BUDGET) this.c.skipped += count // the budget refused the run: its merges are skipped too
         for (let k = 0; k < count; k++) this.dropSharer(this.planNode[merges[m + 5]! + k]!)
         continue
       }
       if (written !== m) merges.copyWithin(written, m, m + 6)
-      merges[written + 2] = made[n]! + ((first & ~PROVISIONAL) - runs[n * 6 + 5]!)
+      merges[written + 2] = outPool[n]! + ((first & ~PROVISIONAL) - runs[n * 6 + 5]!)
       written += 6
     }
     onNew.length = written
     onNew.append(onOld)
+    // owners of runs not made (before the merges' call reuses the status array)
+    for (let n = 0; n < status.length; n++) if (status[n] !== Status.OK) for (let k = 0; k < runs[6 * n + 2]!; k++) this.dropSharer(words[2 * (runs[6 * n + 4]! + k)]!)
     this.applyMerges(onNew)
-    for (let i = 0; i < runs.length; i += 6) if (made[i / 6]! < 0) for (let k = 0; k < runs[i + 2]!; k++) this.dropSharer(words[2 * (runs[i + 4]! + k)]!)
     for (const s of owners) if (!this.regionOfSlot(s)) this.dropSharer(words[2 * s]!)
   }
 
@@ -990,8 +984,8 @@ export class Engine {
     const { plan, planNode } = this
     const pool = this.stable.pool
     const ext = this.lists.merges.clear()
-    shards.forEach((sh, i) => {
-      const r = held[i]!
+    for (let i = 0; i < shards.length; i++) {
+      const sh = shards[i]!, r = held[i]!
       for (let k = 0; k < sh.count; ) {
         const bi = sh.batchIndex + k
         if (plan[bi] !== Plan.STABLE) {
@@ -1009,16 +1003,19 @@ export class Engine {
         ext.push6(r.id, sh.firstPage + k, first, end - k, sh.slot + k, bi)
         k = end
       }
-    })
+    }
     return ext
   }
 
   private applyMerges(ext: U32List): void {
     const { planNode } = this
     const { flags, words } = this.pages
-    this.run('merge', ext, 6, 4, 3, (extents, status) => this.arena.merge(extents, status, this.options.mapBudget), (e, ok) => {
-      for (let k = 0; k < e[3]!; k++) {
-        const node = planNode[e[5]! + k]!, s = e[4]! + k
+    const status = this.callBridge('merge', ext, 6, 4, 3) // records [id, page, pool, count, slot, batch index]
+    const e = ext.data
+    for (let i = 0; i < status.length; i++) {
+      const ok = status[i] === Status.OK, count = e[6 * i + 3]!, slot = e[6 * i + 4]!, at = e[6 * i + 5]!
+      for (let k = 0; k < count; k++) {
+        const node = planNode[at + k]!, s = slot + k
         if (!ok) {
           this.dropSharer(node)
           continue
@@ -1027,43 +1024,40 @@ export class Engine {
         words[2 * s] = node
         words[2 * s + 1] = 0
       }
-      if (ok) this.c.mergedThisScan += e[3]!
-    })
+      if (ok) this.c.mergedThisScan += count
+    }
   }
 
   /**
-   * Carries out extents in one bridge call. `records` holds `stride` numbers per extent, of
-   * which the first `nativeStride` are the bridge's record and the one at `countAt` its page
-   * count. The bridge leaves alone (and reports) extents that would pass the mapping budget;
-   * their pages (at `countAt`, if given) are counted as skipped. `done(record, ok, index,
-   * status)` runs for every record.
+   * Carries out extents in one bridge call and returns each one's status (a view of a reused
+   * array: read it before the next call). `list` holds `stride` numbers per extent, of which the
+   * first `nativeStride` are the bridge's record and the one at `countAt` its page count. The
+   * bridge leaves alone (and reports) extents that would pass the mapping budget; their pages (at
+   * `countAt`, if given) are counted as skipped. A failure is kept for process() to throw once the
+   * batch's bookkeeping follows what was done. stabilize() writes each run's first pool page into
+   * scratch.outPool.
    */
-  private run(
-    op: 'dropZero' | 'stabilize' | 'merge',
-    list: U32List,
-    stride: number,
-    nativeStride: number,
-    countAt: number | undefined,
-    call: (extents: Uint32Array, status: Int32Array) => number,
-    done: (record: number[], ok: boolean, index: number, status: number) => void,
-  ): void {
-    const records = list.view()
-    const n = records.length / stride
-    if (n === 0) return
-    if (this.scratch.extents.length < n * nativeStride) this.scratch.extents = new Uint32Array(sharedBytes(4 * 2 * n * nativeStride))
-    if (this.scratch.status.length < n) this.scratch.status = new Int32Array(sharedBytes(4 * 2 * n))
-    const extents = this.scratch.extents.subarray(0, n * nativeStride), status = this.scratch.status.subarray(0, n)
+  private callBridge(op: 'dropZero' | 'stabilize' | 'merge', list: U32List, stride: number, nativeStride: number, countAt: number | undefined): Int32Array {
+    const records = list.data
+    const n = list.length / stride
+    const scratch = this.scratch
+    if (scratch.extents.length < n * nativeStride) scratch.extents = new Uint32Array(sharedBytes(4 * 2 * n * nativeStride))
+    if (scratch.status.length < n) (scratch.status = new Int32Array(sharedBytes(4 * 2 * n))), (scratch.outPool = new Uint32Array(sharedBytes(4 * 2 * n)))
+    const status = scratch.status.subarray(0, n)
+    if (n === 0) return status
+    const extents = scratch.extents.subarray(0, n * nativeStride)
     for (let i = 0; i < n; i++) for (let k = 0; k < nativeStride; k++) extents[i * nativeStride + k] = records[i * stride + k]!
     status.fill(0)
-    call(extents, status)
-    const record: number[] = new Array(stride)
+    const budget = this.options.mapBudget
+    if (op === 'dropZero') this.arena.dropZero(extents, status, budget)
+    else if (op === 'stabilize') this.arena.stabilize(extents, status, budget, scratch.outPool.subarray(0, n))
+    else this.arena.merge(extents, status, budget)
     for (let i = 0; i < n; i++) {
-      for (let k = 0; k < stride; k++) record[k] = records[i * stride + k]!
-      if (status[i] === Status.BUDGET && countAt !== undefined) this.c.skipped += record[countAt]!
+      if (status[i] === Status.BUDGET && countAt !== undefined) this.c.skipped += records[i * stride + countAt]!
       // -errno: the batch is finished (its bookkeeping follows what was done), then process() throws
       if (status[i]! < 0) this.bridgeError ??= systemError(status[i]!, op, `the bridge could not ${op === 'dropZero' ? 'drop zero pages' : op === 'stabilize' ? 'make stable pages' : 'merge pages'}; what was merged before stays merged`)
-      done(record, status[i] === Status.OK, i, status[i]!)
     }
+    return status
   }
 
   // ---- unmerging ------------------------------------------------------------------------------
@@ -1190,6 +1184,18 @@ export class Engine {
       this.inCallback = false
     }
   }
+}
+
+/** The run (records of 6: [..., first provisional number]) holding a provisional pool number: a binary search. */
+function runOf(runs: Uint32Array, provisional: number): number {
+  const at = provisional & ~PROVISIONAL
+  let lo = 0, hi = runs.length / 6 - 1
+  while (lo < hi) {
+    const mid = (lo + hi + 1) >> 1
+    if (runs[mid * 6 + 5]! <= at) lo = mid
+    else hi = mid - 1
+  }
+  return lo
 }
 
 /** Checks the options of mergeNow() or start(); returns their onProgress. */

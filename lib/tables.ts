@@ -300,7 +300,15 @@ export class U32List {
     this.data[this.length++] = v
   }
 
-  /** One record of four numbers (fixed arities: no array made per call). */
+  /** One record of three numbers (fixed arities: no array made per call). */
+  push3(a: number, b: number, c: number): void {
+    if (this.length + 3 > this.data.length) this.reserve(this.length + 3)
+    const x = this.data, n = this.length
+    x[n] = a, x[n + 1] = b, x[n + 2] = c
+    this.length = n + 3
+  }
+
+  /** One record of four numbers. */
   push4(a: number, b: number, c: number, d: number): void {
     if (this.length + 4 > this.data.length) this.reserve(this.length + 4)
     const x = this.data, n = this.length
