@@ -721,26 +721,30 @@ export class Engine {
   }
 
   /**
-   * Before hashing, asks the kernel (pagemap, which reads no page) what changed under pages that
-   * are not hashed: merged pages written since lose their stable page's count, and dropped zero
-   * pages that are present again (read or written) are marked TOUCHED to be looked at. A
-   * dropped page that nobody touched is not read: on kernels that give a read fault a fresh page
-   * instead of the shared zero page, reading it would allocate the memory we gave back.
+   * When the cursor enters a region (a shard at its first page), asks the kernel (pagemap, which
+   * reads no page) what changed under the region's pages that are not hashed: merged pages
+   * written since lose their stable page's count, and dropped zero pages that are present again
+   * (read or written) are marked TOUCHED to be looked at. A dropped page that nobody touched is
+   * not read: reading a hole of a shared memfd window allocates it, taking back the memory we
+   * gave back. Once per region and full scan, not per batch: at ksmd's default of 100 pages a
+   * batch, a pagemap read per batch was most of a quiet batch's cost. A write is still noticed
+   * within the first full scan that starts after it.
    */
   private survey({ shards, held, buffers }: Batch): void {
     const { flags, words } = this.pages
-    const reap = this.lists.reap.clear() // [id, page, count] of the shards holding merged pages
-    const which = this.lists.reapShards.clear() // and their indexes in the batch
+    const reap = this.lists.reap.clear() // [id, 0, pages] of the regions holding merged pages
+    const which = this.lists.reapShards.clear() // and their shards' indexes in the batch
     for (let i = 0; i < shards.length; i++) {
-      const sh = shards[i]!
+      if (shards[i]!.firstPage !== 0) continue // surveyed when the cursor entered the region
+      const r = held[i]!
       let any = 0
-      for (let s = sh.slot; s < sh.slot + sh.count; s++) any |= flags[s]!
-      if (any & Flag.MERGED) reap.push3(held[i]!.id, sh.firstPage, sh.count), which.push(i)
+      for (let s = r.slot; s < r.slot + r.pages; s++) any |= flags[s]!
+      if (any & Flag.MERGED) reap.push3(r.id, 0, r.pages), which.push(i)
       if (any & Flag.ZERO) {
-        const entries = new BigUint64Array(sh.count)
-        this.native.pagemap(buffers[i]!, sh.firstPage, sh.count, entries)
-        for (let k = 0; k < sh.count; k++)
-          if (flags[sh.slot + k]! & Flag.ZERO && entries[k]! >> 62n !== 0n) flags[sh.slot + k] = flags[sh.slot + k]! | Flag.TOUCHED
+        const entries = new BigUint64Array(r.pages)
+        this.native.pagemap(buffers[i]!, 0, r.pages, entries)
+        for (let k = 0; k < r.pages; k++)
+          if (flags[r.slot + k]! & Flag.ZERO && entries[k]! >> 62n !== 0n) flags[r.slot + k] = flags[r.slot + k]! | Flag.TOUCHED
       }
     }
     if (which.length === 0) return
@@ -749,11 +753,11 @@ export class Engine {
     if (this.arena.reapWritten(reap.view(), counts) === 0) return
     for (let j = 0; j < which.length; j++) {
       if (counts[j] === 0) continue
-      const i = which.data[j]!, sh = shards[i]!
-      const states = new Uint8Array(sh.count), pools = new Uint32Array(sh.count)
-      this.arena.pageStates(buffers[i]!, sh.firstPage, sh.count, states, pools)
-      for (let k = 0; k < sh.count; k++) {
-        const s = sh.slot + k
+      const i = which.data[j]!, r = held[i]!
+      const states = new Uint8Array(r.pages), pools = new Uint32Array(r.pages)
+      this.arena.pageStates(buffers[i]!, 0, r.pages, states, pools)
+      for (let k = 0; k < r.pages; k++) {
+        const s = r.slot + k
         if (flags[s]! & Flag.MERGED && states[k] === PageState.WRITTEN) {
           this.dropSharer(words[2 * s]!)
           flags[s] = flags[s]! & ~(Flag.MERGED | Flag.OWNER | Flag.HASHED) // hashed afresh, as a new page
