@@ -1,8 +1,8 @@
 // The native page bridge, judged by what the OS reports: Pss, page frames, mappings, file blocks.
 import t from 'tap'
 import { loadNative, PageState, Status, NO_POOL } from '../lib/native'
-import { rangePss, smapsRollup } from '../lib/procfs'
-import { digest, fillRandom, gcUntil, isRoot, MiB, PAGE } from './fixtures/util'
+import { smapsRollup } from '../lib/procfs'
+import { digest, fillRandom, gcUntil, isRoot, MiB, PAGE, pssOf, touch } from './fixtures/util'
 
 const native = loadNative()
 const BUDGET = 1e9 // tests that are not about the budget do not want it in the way
@@ -26,14 +26,6 @@ function mergePair(arena: InstanceType<typeof native.Arena>, a: Uint8Array, b: U
   return pool[0]!
 }
 
-/** Reads every page (natively, so the JS heap stays still) so that Pss counts what is mapped. */
-const touch = (...bufs: Uint8Array[]) => bufs.forEach((b) => native.hashPages(b, 0, b.byteLength / PAGE, new BigUint64Array(b.byteLength / PAGE), 0))
-/** Pss of the mappings over the buffers' address span (each mapping once: neighbours may share one). */
-const pssOf = (...bufs: Uint8Array[]) => {
-  const lo = bufs.map((b) => native.addressOf(b)).reduce((m, x) => (x < m ? x : m))
-  const hi = bufs.map((b) => native.addressOf(b) + BigInt(b.byteLength)).reduce((m, x) => (x > m ? x : m))
-  return rangePss(lo, Number(hi - lo))
-}
 
 t.test('two identical 32 MiB buffers merge: Pss halves, few mappings, bytes intact', async (t) => {
   const arena = new native.Arena()
