@@ -130,6 +130,8 @@ interface Region {
 
 /** Marks a stable page's pool number as provisional: its run has not been made yet (pool pages stay below 2^31). */
 const PROVISIONAL = 0x80000000
+/** Pages surveyed at once (32 MiB): a window's pagemap read costs tens of µs, and divides a mergeNow() batch. */
+const SURVEY_PAGES = 8192
 
 /** Actions planned for the pages of one batch. */
 const Plan = { NONE: 0, ZERO: 1, STABLE: 2 } as const
@@ -721,30 +723,33 @@ export class Engine {
   }
 
   /**
-   * When the cursor enters a region (a shard at its first page), asks the kernel (pagemap, which
-   * reads no page) what changed under the region's pages that are not hashed: merged pages
+   * When the cursor enters a window of SURVEY_PAGES pages of a region, asks the kernel (pagemap,
+   * which reads no page) what changed under the window's pages that are not hashed: merged pages
    * written since lose their stable page's count, and dropped zero pages that are present again
    * (read or written) are marked TOUCHED to be looked at. A dropped page that nobody touched is
    * not read: reading a hole of a shared memfd window allocates it, taking back the memory we
-   * gave back. Once per region and full scan, not per batch: at ksmd's default of 100 pages a
-   * batch, a pagemap read per batch was most of a quiet batch's cost. A write is still noticed
-   * within the first full scan that starts after it.
+   * gave back. Once per window and full scan, not per batch: at ksmd's default of 100 pages a
+   * batch, a pagemap read per batch was most of a quiet batch's cost; and not per region, whose
+   * survey could stall this thread for tens of ms in a buffer of gigabytes. A write is still
+   * noticed within the first full scan that starts after it.
    */
   private survey({ shards, held, buffers }: Batch): void {
     const { flags, words } = this.pages
-    const reap = this.lists.reap.clear() // [id, 0, pages] of the regions holding merged pages
+    const reap = this.lists.reap.clear() // [id, first page, pages] of the windows holding merged pages
     const which = this.lists.reapShards.clear() // and their shards' indexes in the batch
     for (let i = 0; i < shards.length; i++) {
-      if (shards[i]!.firstPage !== 0) continue // surveyed when the cursor entered the region
-      const r = held[i]!
+      const sh = shards[i]!, r = held[i]!
+      // the windows starting in this shard (one before them was surveyed when the cursor entered it)
+      const from = Math.ceil(sh.firstPage / SURVEY_PAGES) * SURVEY_PAGES
+      const to = Math.min(Math.ceil((sh.firstPage + sh.count) / SURVEY_PAGES) * SURVEY_PAGES, r.pages)
+      if (from >= to) continue
       let any = 0
-      for (let s = r.slot; s < r.slot + r.pages; s++) any |= flags[s]!
-      if (any & Flag.MERGED) reap.push3(r.id, 0, r.pages), which.push(i)
+      for (let s = r.slot + from; s < r.slot + to; s++) any |= flags[s]!
+      if (any & Flag.MERGED) reap.push3(r.id, from, to - from), which.push(i)
       if (any & Flag.ZERO) {
-        const entries = new BigUint64Array(r.pages)
-        this.native.pagemap(buffers[i]!, 0, r.pages, entries)
-        for (let k = 0; k < r.pages; k++)
-          if (flags[r.slot + k]! & Flag.ZERO && entries[k]! >> 62n !== 0n) flags[r.slot + k] = flags[r.slot + k]! | Flag.TOUCHED
+        const entries = new BigUint64Array(to - from)
+        this.native.pagemap(buffers[i]!, from, to - from, entries)
+        for (let k = 0, s = r.slot + from; k < to - from; k++, s++) if (flags[s]! & Flag.ZERO && entries[k]! >> 62n !== 0n) flags[s] = flags[s]! | Flag.TOUCHED
       }
     }
     if (which.length === 0) return
@@ -753,11 +758,10 @@ export class Engine {
     if (this.arena.reapWritten(reap.view(), counts) === 0) return
     for (let j = 0; j < which.length; j++) {
       if (counts[j] === 0) continue
-      const i = which.data[j]!, r = held[i]!
-      const states = new Uint8Array(r.pages), pools = new Uint32Array(r.pages)
-      this.arena.pageStates(buffers[i]!, 0, r.pages, states, pools)
-      for (let k = 0; k < r.pages; k++) {
-        const s = r.slot + k
+      const i = which.data[j]!, r = held[i]!, from = reap.data[3 * j + 1]!, count = reap.data[3 * j + 2]!
+      const states = new Uint8Array(count), pools = new Uint32Array(count)
+      this.arena.pageStates(buffers[i]!, from, count, states, pools)
+      for (let k = 0, s = r.slot + from; k < count; k++, s++) {
         if (flags[s]! & Flag.MERGED && states[k] === PageState.WRITTEN) {
           this.dropSharer(words[2 * s]!)
           flags[s] = flags[s]! & ~(Flag.MERGED | Flag.OWNER | Flag.HASHED) // hashed afresh, as a new page
