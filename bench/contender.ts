@@ -78,7 +78,8 @@ export interface WriterReport {
 }
 
 export type ChildMessage =
-  | { type: 'ready'; pid: number; pages: number; ideal: Ideal; before: Snapshot; ranges?: Array<[string, number]> }
+  | { type: 'ranges'; ranges: Array<[string, number]> }
+  | { type: 'ready'; pid: number; pages: number; ideal: Ideal; before: Snapshot }
   | { type: 'progress'; freedPages: number; fullScans: number }
   | { type: 'advised' }
   | { type: 'result'; result: ChildResult }
@@ -258,12 +259,13 @@ async function prepare(spec: Spec, alloc: (bytes: number) => Uint8Array) {
   const w = loadWorkload(spec.workload, spec.bytes, alloc, spec.filesRoot ? { filesRoot: spec.filesRoot } : {})
   const fillS = seconds(t)
   const writer = spec.workload === 'volatile' ? new Writer(w.buffers) : undefined
+  // files, before mergeNow(): where its buffers are, for the parent's estimator to read first;
+  // sent before the baseline, so that the message's garbage (51k records) is not counted against the merge
+  if (spec.workload === 'files' && spec.kind === 'pm-now') await send({ type: 'ranges', ranges: w.buffers.map((b): [string, number] => [String(loadNative().addressOf(b)), b.byteLength]) })
   await sleep(SETTLE_MS)
   await gcRounds(3, 'bench')
   const before = snapshot()
-  // files: where its buffers are, for the parent's estimator to read before the merging starts
-  const ranges = spec.workload === 'files' ? w.buffers.map((b): [string, number] => [String(loadNative().addressOf(b)), b.byteLength]) : undefined
-  send({ type: 'ready', pid: process.pid, pages: w.pages, ideal: w.ideal, before, ...(ranges ? { ranges } : {}) })
+  send({ type: 'ready', pid: process.pid, pages: w.pages, ideal: w.ideal, before })
   await next('go')
   return { w, fillS, writer, before }
 }

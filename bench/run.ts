@@ -325,8 +325,9 @@ async function runTask(task: Task, opts: Options): Promise<Measured | Failure> {
     const tick = show
     // files: what the estimator predicts merging would free in the child's buffers, read before it starts
     let estimated: number | undefined, estimateGBs: number | undefined
-    if (ready.ranges && task.contender === 'pm-now') {
-      const r = await estimate({ pids: [pid], ranges: { [pid]: ready.ranges.map(([address, bytes]) => ({ address: BigInt(address), bytes })) } })
+    const ranges = task.workload === 'files' && task.contender === 'pm-now' ? (await next('ranges', READY_TIMEOUT_MS, show)).ranges : undefined // sent before 'ready'
+    if (ranges) {
+      const r = await estimate({ pids: [pid], ranges: { [pid]: ranges.map(([address, bytes]) => ({ address: BigInt(address), bytes })) } })
       estimated = r.total.bytesFreeable / r.pageSize
       estimateGBs = (r.total.pagesScanned * r.pageSize) / (r.total.elapsedMs * 1e6) // target memory per second, confirming included
     }
