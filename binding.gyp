@@ -10,6 +10,7 @@
         "native/procfs.cc",
         "native/registry.cc",
         "native/remote.cc",
+        "native/timer.cc",
         "native/v8_buffers.cc",
         "native/wprotect.cc"
       ],

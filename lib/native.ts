@@ -73,6 +73,15 @@ export interface NativeArena {
   advise(buffer: Bytes, mergeable: boolean): void
 }
 
+/** See NativeBinding.Timer. */
+export interface NativeTimer {
+  /** Calls the callback once, `ms` from now; re-arming an armed timer moves it. */
+  arm(ms: number): void
+  cancel(): void
+  /** Stops it for good and lets go of the callback. */
+  close(): void
+}
+
 export interface NativeBinding {
   constants: {
     PAGE_SIZE: number
@@ -104,6 +113,8 @@ export interface NativeBinding {
   /** Where the buffer's bytes are mapped (to match /proc/self/smaps ranges). */
   addressOf(buffer: Bytes): bigint
   Arena: new (reserveBytes?: number) => NativeArena
+  /** A one-shot libuv timer calling `callback`; it does not keep the process alive (the background scanner's sleep). */
+  Timer: new (callback: () => void) => NativeTimer
   /** prctl(PR_GET_MEMORY_MERGE): whether every anonymous region of this process is mergeable by ksmd. */
   memoryMerge(): boolean
   /** prctl(PR_SET_MEMORY_MERGE): needs CAP_SYS_RESOURCE; off unmerges every region of the process. */

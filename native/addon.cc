@@ -8,6 +8,7 @@
 #include "pages.h"
 #include "procfs.h"
 #include "remote.h"
+#include "timer.h"
 
 namespace pm {
 namespace {
@@ -42,6 +43,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitArena(env, exports);
   InitKernel(env, exports);
   InitRemote(env, exports);
+  InitTimer(env, exports);
   return exports;
 }
 

@@ -148,3 +148,43 @@ t.test('the addon loads and works in several worker threads at once', async (t) 
   }
   await Promise.all(workers.map((w) => w.terminate()))
 })
+
+t.test('Timer: one call per arm(), moved by re-arming, stopped by close(); it keeps no process alive', async (t) => {
+  const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms))
+  let calls = 0
+  const timer = new native.Timer(() => calls++)
+  timer.arm(5)
+  await sleep(60)
+  t.equal(calls, 1, 'one call per arm()')
+  timer.arm(40)
+  timer.arm(5) // re-arming moves it
+  await sleep(25)
+  t.equal(calls, 2, 'the last arm() wins')
+  timer.arm(10)
+  timer.cancel()
+  await sleep(30)
+  t.equal(calls, 2, 'cancel() before it fires: no call')
+  // At 0 ms it still lets the loop turn: libuv would run a timer re-armed at 0 from its own callback
+  // again in the same pass, forever, so arm() waits at least 1 ms, as setTimeout does.
+  let spins = 0
+  const spinner = new native.Timer(() => spins++ < 1e6 && spinner.arm(0))
+  spinner.arm(0)
+  await sleep(20)
+  t.ok(spins > 0 && spins < 1e6, `a timer re-armed at 0 from its callback leaves the loop turning (${spins} calls in 20 ms)`)
+  spinner.close()
+  timer.close()
+  timer.close() // twice: nothing
+  t.throws(() => timer.arm(5), { code: ErrorCode.INVALID_ARG }, 'arm() after close()')
+  t.throws(() => new native.Timer(5 as unknown as () => void), { code: ErrorCode.INVALID_ARG }, 'a callback that is not a function')
+  const armed = new native.Timer(() => {})
+  t.throws(() => armed.arm(-1), { code: ErrorCode.OUT_OF_RANGE }, 'a negative ms')
+  t.throws(() => armed.arm(NaN), { code: ErrorCode.OUT_OF_RANGE }, 'NaN')
+  armed.close()
+  // A child with only an armed timer exits at once; an exception from the callback is uncaught, as from setTimeout's.
+  const addon = resolve(__dirname, '..', 'build', 'Release', 'pagemerge.node')
+  const started = Date.now()
+  execFileSync(process.execPath, ['-e', `globalThis.kept = new (require(${JSON.stringify(addon)}).Timer)(() => {}); kept.arm(60000)`])
+  t.ok(Date.now() - started < 10_000, `a process whose only work is an armed timer exits (${Date.now() - started} ms)`)
+  const out = execFileSync(process.execPath, ['-e', `process.on('uncaughtException', (e) => console.log('caught', e.message)); globalThis.kept = new (require(${JSON.stringify(addon)}).Timer)(() => { throw new Error('boom') }); kept.arm(1); setTimeout(() => {}, 50)`], { encoding: 'utf8' })
+  t.equal(out.trim(), 'caught boom', "the callback's exception reaches uncaughtException")
+})
