@@ -18,12 +18,17 @@
 #include <cerrno>
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
+#include <deque>
 #include <optional>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <system_error>
+#include <thread>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -79,10 +84,92 @@ class RefTable {
   std::unordered_map<uint32_t, Chunk> chunks_;
 };
 
-// Coalesces arena pages into runs and punches each run out of the file in one fallocate.
+// Punches runs of file pages that nothing maps any more on a helper thread, so that a long merge
+// goes on comparing and remapping its next chunk meanwhile (see Merge). One thread per call that
+// needs it, started with the first run and joined by Join() (or the destructor) before the call
+// returns: when merge() returns, the memory is back and a failure is counted, as if punched in
+// line. Punching needs neither the arena's state nor the process's mmap lock, only the file (whose
+// inode lock serialises punches: one helper is as fast as more). If no thread can be started,
+// runs are punched in line.
+class Reclaimer {
+ public:
+  Reclaimer(int fd, uint64_t* failures) : fd_(fd), failures_(failures) {}
+  ~Reclaimer() { Join(); }
+  Reclaimer(const Reclaimer&) = delete;
+  Reclaimer& operator=(const Reclaimer&) = delete;
+
+  void Add(uint64_t page, uint64_t count) {
+    if (!count) return;
+    if (!inLine_ && !thread_.joinable()) {
+      try {
+        thread_ = std::thread([this] { Run(); });
+      } catch (const std::system_error&) {
+        inLine_ = true;  // EAGAIN (thread limits): punch here instead
+      }
+    }
+    if (inLine_) {
+      if (!Punch(fd_, page, count)) (*failures_)++;
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      runs_.emplace_back(page, count);
+    }
+    cv_.notify_one();
+  }
+
+  bool started() const { return thread_.joinable() || inLine_; }
+
+  // Waits until every run is punched; adds the failures to the count the arena reports.
+  void Join() {
+    if (!thread_.joinable()) return;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      closed_ = true;
+    }
+    cv_.notify_one();
+    thread_.join();
+    *failures_ += failed_;
+    failed_ = 0;
+    closed_ = false;
+  }
+
+  static bool Punch(int fd, uint64_t page, uint64_t count) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(page * kPage),
+                     static_cast<off_t>(count * kPage)) == 0;
+  }
+
+ private:
+  void Run() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [this] { return closed_ || !runs_.empty(); });
+      if (runs_.empty()) return;  // closed, and nothing left
+      std::pair<uint64_t, uint64_t> r = runs_.front();
+      runs_.pop_front();
+      lock.unlock();
+      bool ok = Punch(fd_, r.first, r.second);
+      lock.lock();
+      if (!ok) failed_++;
+    }
+  }
+
+  int fd_;
+  uint64_t* failures_;  // the arena's count: touched only by the calling thread
+  bool inLine_ = false;
+  std::thread thread_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::pair<uint64_t, uint64_t>> runs_;  // (first file page, count), guarded by mu_
+  bool closed_ = false;                             // guarded by mu_
+  uint64_t failed_ = 0;                             // guarded by mu_ (read after the join)
+};
+
+// Coalesces arena pages into runs and punches each run out of the file in one fallocate (or hands
+// it to a Reclaimer, which punches it on its thread).
 class Puncher {
  public:
-  Puncher(int fd, uint64_t* failures) : fd_(fd), failures_(failures) {}
+  Puncher(int fd, uint64_t* failures, Reclaimer* later = nullptr) : fd_(fd), failures_(failures), later_(later) {}
   ~Puncher() { Flush(); }
   void Add(uint64_t page) {
     if (len_ && page == start_ + len_) {
@@ -95,15 +182,15 @@ class Puncher {
   }
   void Flush() {
     if (!len_) return;
-    if (fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(start_ * kPage),
-                  static_cast<off_t>(len_ * kPage)) != 0)
-      (*failures_)++;  // memory not returned, bytes unharmed: counted in stats().punchFailures
+    if (later_) later_->Add(start_, len_);
+    else if (!Reclaimer::Punch(fd_, start_, len_)) (*failures_)++;  // memory not returned, bytes unharmed: counted in stats().punchFailures
     len_ = 0;
   }
 
  private:
   int fd_;
   uint64_t* failures_;
+  Reclaimer* later_;
   uint64_t start_ = 0, len_ = 0;
 };
 
@@ -173,6 +260,11 @@ struct Allocation {
 };
 
 constexpr size_t kBounce = 256 * 1024;
+// The chunk of a long merge extent (see Merge): measured on bench:bridge's 512 MiB merge.
+constexpr uint64_t kMergeChunkMiB = 32;
+// Mappings a new thread may add to the process: its stack and guard page, and glibc's malloc arena
+// for it (a reservation and its usable part).
+constexpr int64_t kThreadMappings = 4;
 
 struct Owner;
 
@@ -210,6 +302,13 @@ struct ArenaCore {
   bool spans = [] {
     const char* off = getenv("PAGEMERGE_NO_SPANS");
     return !(off && *off && *off != '0');
+  }();
+  // Merge extents longer than this many pages go chunk by chunk, each chunk's reclaim overlapping
+  // the next one's comparison (Merge); PAGEMERGE_MERGE_CHUNK_MIB (0: never) sets it, to compare.
+  uint64_t chunkPages = [] {
+    const char* v = getenv("PAGEMERGE_MERGE_CHUNK_MIB");
+    uint64_t mib = v && *v ? strtoull(v, nullptr, 10) : kMergeChunkMiB;
+    return mib == 0 ? 0 : std::max<uint64_t>(512, std::min<uint64_t>(mib, 1u << 20) * 256 / 512 * 512);
   }();
 
   ~ArenaCore() {
@@ -290,10 +389,10 @@ struct ArenaCore {
   }
 
   // Records that pages [first, first+count) of `a` now map pool pages from `poolFirst` (state
-  // kMerged) or no pool page (poolFirst == kNoPool). Own pages no longer mapped are punched, and
-  // pool pages whose last mapping this was are punched too.
-  void Retarget(Allocation& a, uint64_t first, uint64_t count, uint32_t poolFirst, uint8_t newState) {
-    Puncher own(fd, &punchFailures), freed(fd, &punchFailures);
+  // kMerged) or no pool page (poolFirst == kNoPool). Own pages no longer mapped are punched (by
+  // `later`, if given, on its thread), and pool pages whose last mapping this was are punched too.
+  void Retarget(Allocation& a, uint64_t first, uint64_t count, uint32_t poolFirst, uint8_t newState, Reclaimer* later = nullptr) {
+    Puncher own(fd, &punchFailures, later), freed(fd, &punchFailures);
     if (poolFirst != kNoPool)  // take the new references first: remapping onto the same page never frees it
       for (uint64_t k = 0; k < count; k++) IncRef(poolFirst + static_cast<uint32_t>(k));
     uint64_t end = first + count;
@@ -897,6 +996,9 @@ class Arena : public Napi::ObjectWrap<Arena> {
                               std::to_string(r[3]) + ", which are not all live pool pages");
     }
     uint64_t done = 0;
+    // Punches the own pages of long extents' chunks while the next chunks are compared; joined
+    // below, before the call returns (and before the lock is released, on any way out).
+    Reclaimer reclaim(c.fd, &c.punchFailures);
     auto mergeable = [&](size_t k, SpanExt* e) {
       const uint32_t* r = ex.rec + k * 4;
       Allocation* a = alloc[k];
@@ -953,6 +1055,13 @@ class Arena : public Napi::ObjectWrap<Arena> {
         }
         stage = static_cast<uint8_t*>(m);
       }
+      // A long extent goes chunk by chunk; that holds one more mapping for a moment (below), and
+      // the helper thread may map its stack and a malloc arena (glibc keeps both for later threads).
+      if (stage && c.chunkPages && count > c.chunkPages && static_cast<double>(c.mappings + 2) <= budget &&
+          (reclaim.started() || c.Fits(kThreadMappings, budget))) {
+        ex.status[i] = MergeChunked(*a, page, static_cast<uint32_t>(poolPage), count, stage, reclaim, &done);
+        continue;
+      }
       ProtectedRange hold(c.wp, dst, len);  // from the comparison to the remap, writers wait
       if (hold.error()) {
         if (stage) munmap(stage, len);
@@ -979,7 +1088,51 @@ class Arena : public Napi::ObjectWrap<Arena> {
     }
     if (c.mappings >= 0) c.mappings -= c.reserved;  // reserved cuts whose merges were not asked for
     c.reserved = 0;
+    reclaim.Join();  // the memory is back (and failures counted) when merge() returns
     return Napi::Number::New(env, static_cast<double>(done));
+  }
+
+  // Merges a long extent chunk by chunk through `stage`, its staging mapping (the whole extent,
+  // congruent to it modulo 2 MiB). Each chunk in turn is write-protected, compared in full with
+  // its pool pages and moved over by mremap, exactly as a short extent; its own pages are then
+  // handed to `reclaim`, punched on its thread while this one compares the next chunk. Chunks end
+  // at 2 MiB-aligned addresses (whole page tables move), and each lands next to the one before at
+  // the next pool offset, so the kernel joins them into one mapping. Returns kOk, or the status of
+  // the first chunk that failed: that chunk and the ones after it are left alone (their staging
+  // unmapped), the ones before stay merged. Adds the pages merged to *done.
+  int32_t MergeChunked(Allocation& a, uint64_t page, uint32_t poolPage, uint64_t count, uint8_t* stage, Reclaimer& reclaim, uint64_t* done) {
+    ArenaCore& c = *core_;
+    constexpr uint64_t kPmdPages = 512;
+    uint8_t* dst = a.base + page * kPage;
+    const uint64_t lead = reinterpret_cast<uintptr_t>(dst) / kPage % kPmdPages;  // dst's page within its 2 MiB
+    int32_t v = kOk;
+    uint64_t off = 0;
+    while (off < count) {
+      uint64_t end = std::min(count, (lead + off + c.chunkPages) / kPmdPages * kPmdPages - lead);
+      const size_t clen = (end - off) * kPage;
+      uint8_t* at = dst + off * kPage;
+      uint8_t* from = stage + off * kPage;
+      if (int err = c.wp.Protect(at, clen)) {  // from the comparison to the remap, writers wait
+        v = -err;
+        break;
+      }
+      if (std::memcmp(at, from, clen) != 0) {
+        c.wp.Release(at, clen, false);
+        v = kMismatch;
+        break;
+      }
+      if (mremap(from, clen, clen, MREMAP_MAYMOVE | MREMAP_FIXED, at) == MAP_FAILED) {
+        v = -errno;
+        c.wp.Release(at, clen, false);
+        break;
+      }
+      c.wp.Release(at, clen, true);  // the protection left with the old mapping: wake the writers
+      c.Retarget(a, page + off, end - off, poolPage + static_cast<uint32_t>(off), kMerged, &reclaim);
+      *done += end - off;
+      off = end;
+    }
+    if (off < count) munmap(stage + off * kPage, (count - off) * kPage);
+    return v;
   }
 
   // dropZero(extents [id, page, count], status, budget) -> pages dropped. Each extent must be all

@@ -1,5 +1,6 @@
 // The native page bridge, judged by what the OS reports: Pss, page frames, mappings, file blocks.
 import t from 'tap'
+import { readFileSync } from 'node:fs'
 import { loadNative, PageState, Status, NO_POOL } from '../lib/native'
 import { rangePss, smapsRollup } from '../lib/procfs'
 import { digest, fillRandom, gcUntil, isRoot, MiB, PAGE } from './fixtures/util'
@@ -150,6 +151,70 @@ t.test('a merge whose bytes no longer match is refused and reported, nothing cha
   const states = new Uint8Array(256), pools = new Uint32Array(256)
   arena.pageStates(b, 0, 256, states, pools)
   t.ok(states.subarray(128).every((s) => s === PageState.SHARED), 'its pages stay private')
+  t.equal(digest(b), db, 'bytes unchanged')
+})
+
+/** The mappings (lines of /proc/self/maps) that cover part of `buf`. */
+function mappingsOver(buf: Uint8Array): number {
+  const lo = native.addressOf(buf), hi = lo + BigInt(buf.byteLength)
+  return readFileSync('/proc/self/maps', 'utf8').split('\n').filter((l) => {
+    if (!l) return false
+    const [s, e] = l.split(' ')[0]!.split('-').map((x) => BigInt('0x' + x))
+    return s! < hi && e! > lo
+  }).length
+}
+
+/** An arena whose merges split extents longer than `mib` MiB into chunks of that size. */
+function chunkedArena(mib: number) {
+  process.env.PAGEMERGE_MERGE_CHUNK_MIB = String(mib) // read when an arena is made
+  try {
+    return new native.Arena()
+  } finally {
+    delete process.env.PAGEMERGE_MERGE_CHUNK_MIB
+  }
+}
+
+t.test('a long extent merges chunk by chunk: one mapping, its pages punched by the time merge() returns, bytes intact', async (t) => {
+  const arena = chunkedArena(4)
+  arena.alloc(3 * PAGE, true) // the buffers below start off a 2 MiB boundary: chunks end on one anyway
+  const warm = pair(arena, 12 * MiB, 20)
+  mergePair(arena, warm.a, warm.b) // the first helper thread maps its stack (and a malloc arena), which glibc keeps
+  const { a, b } = pair(arena, 26 * MiB + 3 * PAGE, 21)
+  const da = digest(a), pages = b.byteLength / PAGE
+  touch(a, b)
+  const before = { maps: native.mappingCount(), file: arena.stats().arenaBytes }
+  mergePair(arena, a, b)
+  const maps = native.mappingCount()
+  t.ok(maps - before.maps <= 4, `mappings grew by ${maps - before.maps}`)
+  t.equal(mappingsOver(b), 1, 'its chunks, remapped one by one, form one mapping')
+  t.equal(arena.stats().arenaBytes, before.file - b.byteLength, "the second buffer's own pages are punched when merge() returns")
+  t.equal(arena.stats().punchFailures, 0)
+  const states = new Uint8Array(pages), pools = new Uint32Array(pages)
+  arena.pageStates(b, 0, pages, states, pools)
+  t.ok(states.every((s) => s === PageState.MERGED), 'every page merged')
+  t.equal(digest(a), da, 'first buffer reads back its bytes')
+  t.equal(digest(b), da, 'second buffer reads back its bytes')
+})
+
+t.test('a long extent whose later chunk differs: the chunks before it merge, it and the rest are left alone and reported', async (t) => {
+  const arena = chunkedArena(4)
+  const { a, b } = pair(arena, 24 * MiB, 22)
+  const pages = b.byteLength / PAGE
+  const status = new Int32Array(1), pool = new Uint32Array(1)
+  arena.stabilize(new Uint32Array([arena.idOf(a), 0, pages, 1]), status, BUDGET, pool)
+  const changed = 4 * 1024 + 1024 + 7 // a page in the second chunk or later, whatever the alignment
+  b[changed * PAGE + 9] = b[changed * PAGE + 9]! ^ 1
+  const db = digest(b)
+  const file = arena.stats().arenaBytes
+  const merged = arena.merge(new Uint32Array([arena.idOf(b), 0, pool[0]!, pages]), status, BUDGET)
+  t.equal(status[0], Status.MISMATCH, 'the extent is reported')
+  t.ok(merged > 0 && merged <= changed, `the ${merged} pages before the chunk that differs merged`)
+  const states = new Uint8Array(pages), pools = new Uint32Array(pages)
+  arena.pageStates(b, 0, pages, states, pools)
+  t.ok(states.subarray(0, merged).every((s) => s === PageState.MERGED), 'those pages map the pool')
+  t.ok(pools.subarray(0, merged).every((p, k) => p === pool[0]! + k), 'at their own pool pages')
+  t.ok(states.subarray(merged).every((s) => s === PageState.SHARED), 'the rest keeps its own pages')
+  t.equal(arena.stats().arenaBytes, file - merged * PAGE, 'only the merged pages were punched')
   t.equal(digest(b), db, 'bytes unchanged')
 })
 
