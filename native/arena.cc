@@ -19,7 +19,6 @@
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
-#include <deque>
 #include <optional>
 #include <cstring>
 #include <map>
@@ -132,6 +131,8 @@ class Reclaimer {
     *failures_ += failed_;
     failed_ = 0;
     closed_ = false;
+    runs_.clear();
+    next_ = 0;
   }
 
   static bool Punch(int fd, uint64_t page, uint64_t count) {
@@ -143,10 +144,9 @@ class Reclaimer {
   void Run() {
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
-      cv_.wait(lock, [this] { return closed_ || !runs_.empty(); });
-      if (runs_.empty()) return;  // closed, and nothing left
-      std::pair<uint64_t, uint64_t> r = runs_.front();
-      runs_.pop_front();
+      cv_.wait(lock, [this] { return closed_ || next_ < runs_.size(); });
+      if (next_ == runs_.size()) return;  // closed, and nothing left
+      std::pair<uint64_t, uint64_t> r = runs_[next_++];
       lock.unlock();
       bool ok = Punch(fd_, r.first, r.second);
       lock.lock();
@@ -160,7 +160,8 @@ class Reclaimer {
   std::thread thread_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<std::pair<uint64_t, uint64_t>> runs_;  // (first file page, count), guarded by mu_
+  std::vector<std::pair<uint64_t, uint64_t>> runs_;  // (first file page, count), guarded by mu_: a call's few
+  size_t next_ = 0;                                   // the first not taken yet, guarded by mu_
   bool closed_ = false;                             // guarded by mu_
   uint64_t failed_ = 0;                             // guarded by mu_ (read after the join)
 };
