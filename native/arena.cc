@@ -9,6 +9,8 @@
 #include "wprotect.h"
 
 #include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
 #include <linux/falloc.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -24,7 +26,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <system_error>
+#include <new>
 #include <thread>
 #include <unordered_map>
 #include <utility>
@@ -99,20 +101,19 @@ class Reclaimer {
 
   void Add(uint64_t page, uint64_t count) {
     if (!count) return;
-    if (!inLine_ && !thread_.joinable()) {
+    bool queued = false;
+    if (!inLine_ && !thread_.joinable()) Start();
+    if (!inLine_) {
       try {
-        thread_ = std::thread([this] { Run(); });
-      } catch (const std::system_error&) {
-        inLine_ = true;  // EAGAIN (thread limits): punch here instead
+        std::lock_guard<std::mutex> g(mu_);
+        runs_.emplace_back(page, count);
+        queued = true;
+      } catch (const std::bad_alloc&) {
       }
     }
-    if (inLine_) {
+    if (!queued) {  // no helper, or no memory to queue the run: punched here, as without one
       if (!Punch(fd_, page, count)) (*failures_)++;
       return;
-    }
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      runs_.emplace_back(page, count);
     }
     cv_.notify_one();
   }
@@ -141,6 +142,19 @@ class Reclaimer {
   }
 
  private:
+  // The helper takes no process signal (it inherits a full mask): those stay with Node's threads.
+  void Start() {
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    try {
+      thread_ = std::thread([this] { Run(); });
+    } catch (const std::exception&) {
+      inLine_ = true;  // EAGAIN (thread limits) or no memory: punch in line instead
+    }
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  }
+
   void Run() {
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
