@@ -276,7 +276,7 @@ struct Allocation {
 
 constexpr size_t kBounce = 256 * 1024;
 // The chunk of a long merge extent (see Merge): measured on bench:bridge's 512 MiB merge.
-constexpr uint64_t kMergeChunkMiB = 32;
+constexpr uint64_t kMergeChunkMiB = 16;
 // Mappings a new thread may add to the process: its stack and guard page, and glibc's malloc arena
 // for it (a reservation and its usable part).
 constexpr int64_t kThreadMappings = 4;
