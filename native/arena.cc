@@ -22,12 +22,12 @@
 #include <chrono>
 #include <condition_variable>
 #include <optional>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <new>
-#include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -102,7 +102,7 @@ class Reclaimer {
   void Add(uint64_t page, uint64_t count) {
     if (!count) return;
     bool queued = false;
-    if (!inLine_ && !thread_.joinable()) Start();
+    if (!inLine_ && !running_) Start();
     if (!inLine_) {
       try {
         std::lock_guard<std::mutex> g(mu_);
@@ -118,17 +118,18 @@ class Reclaimer {
     cv_.notify_one();
   }
 
-  bool started() const { return thread_.joinable() || inLine_; }
-
   // Waits until every run is punched; adds the failures to the count the arena reports.
   void Join() {
-    if (!thread_.joinable()) return;
+    if (!running_) return;
     {
       std::lock_guard<std::mutex> g(mu_);
       closed_ = true;
     }
     cv_.notify_one();
-    thread_.join();
+    pthread_join(thread_, nullptr);
+    running_ = false;
+    std::free(stack_);
+    stack_ = nullptr;
     *failures_ += failed_;
     failed_ = 0;
     closed_ = false;
@@ -142,17 +143,30 @@ class Reclaimer {
   }
 
  private:
-  // The helper takes no process signal (it inherits a full mask): those stay with Node's threads.
+  // Starts the helper on a small stack from the heap: a thread's own stack (and guard page) would be
+  // two more mappings for the process, and the helper needs little (a lock and a system call; it
+  // allocates nothing, so it gets no malloc arena either). It takes no process signal (it starts
+  // with a full mask): those stay with Node's threads. If it cannot start (thread limits, no
+  // memory), runs are punched in line.
   void Start() {
+    inLine_ = true;
+    stack_ = std::malloc(kStack);
+    if (!stack_) return;
+    pthread_attr_t attr;
+    if (pthread_attr_init(&attr) != 0) return;
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    try {
-      thread_ = std::thread([this] { Run(); });
-    } catch (const std::exception&) {
-      inLine_ = true;  // EAGAIN (thread limits) or no memory: punch in line instead
-    }
+    if (pthread_attr_setstack(&attr, stack_, kStack) == 0 && pthread_create(&thread_, &attr, &Reclaimer::Main, this) == 0)
+      running_ = true, inLine_ = false;
     pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    pthread_attr_destroy(&attr);
+    if (!running_) std::free(stack_), stack_ = nullptr;
+  }
+
+  static void* Main(void* self) {
+    static_cast<Reclaimer*>(self)->Run();
+    return nullptr;
   }
 
   void Run() {
@@ -170,8 +184,11 @@ class Reclaimer {
 
   int fd_;
   uint64_t* failures_;  // the arena's count: touched only by the calling thread
+  static constexpr size_t kStack = 64 * 1024;  // under malloc's mmap threshold: no mapping of its own
   bool inLine_ = false;
-  std::thread thread_;
+  bool running_ = false;
+  pthread_t thread_{};
+  void* stack_ = nullptr;
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<std::pair<uint64_t, uint64_t>> runs_;  // (first file page, count), guarded by mu_: a call's few
@@ -277,9 +294,6 @@ struct Allocation {
 constexpr size_t kBounce = 256 * 1024;
 // The chunk of a long merge extent (see Merge): measured on bench:bridge's 512 MiB merge.
 constexpr uint64_t kMergeChunkMiB = 16;
-// Mappings a new thread may add to the process: its stack and guard page, and glibc's malloc arena
-// for it (a reservation and its usable part).
-constexpr int64_t kThreadMappings = 4;
 
 struct Owner;
 
@@ -1070,10 +1084,8 @@ class Arena : public Napi::ObjectWrap<Arena> {
         }
         stage = static_cast<uint8_t*>(m);
       }
-      // A long extent goes chunk by chunk; that holds one more mapping for a moment (below), and
-      // the helper thread may map its stack and a malloc arena (glibc keeps both for later threads).
-      if (stage && c.chunkPages && count > c.chunkPages && static_cast<double>(c.mappings + 2) <= budget &&
-          (reclaim.started() || c.Fits(kThreadMappings, budget))) {
+      // A long extent goes chunk by chunk; that holds one more mapping for a moment (below).
+      if (stage && c.chunkPages && count > c.chunkPages && static_cast<double>(c.mappings + 2) <= budget) {
         ex.status[i] = MergeChunked(*a, page, static_cast<uint32_t>(poolPage), count, stage, reclaim, &done);
         continue;
       }
