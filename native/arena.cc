@@ -153,7 +153,11 @@ class Reclaimer {
     stack_ = std::malloc(kStack);
     if (!stack_) return;
     pthread_attr_t attr;
-    if (pthread_attr_init(&attr) != 0) return;
+    if (pthread_attr_init(&attr) != 0) {
+      std::free(stack_);
+      stack_ = nullptr;
+      return;
+    }
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
