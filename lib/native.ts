@@ -54,11 +54,7 @@ export interface NativeArena {
    * for the next merge() call.
    */
   stabilize(extents: Uint32Array, status: Int32Array, budget: number, outPool: Uint32Array): number
-  /**
-   * Records [id, page, poolPage, count]; verifies bytes, then remaps copy-on-write onto the pool.
-   * An extent longer than a chunk (16 MiB) goes chunk by chunk: if a later chunk differs, the
-   * chunks before it stay merged (status MISMATCH; the pages merged are counted in the result).
-   */
+  /** Records [id, page, poolPage, count]; verifies bytes, then remaps copy-on-write onto the pool. */
   merge(extents: Uint32Array, status: Int32Array, budget: number): number
   /** Records [id, page, count] of all-zero pages; verified, then given back to the OS. */
   dropZero(extents: Uint32Array, status: Int32Array, budget: number): number

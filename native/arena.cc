@@ -85,8 +85,8 @@ class RefTable {
   std::unordered_map<uint32_t, Chunk> chunks_;
 };
 
-// Punches runs of file pages that nothing maps any more on a helper thread, so that a long merge
-// goes on comparing and remapping its next chunk meanwhile (see Merge). One thread per call that
+// Punches runs of file pages that nothing maps any more on a helper thread, so that a call goes
+// on with its next work meanwhile (unused for now). One thread per call that
 // needs it, started with the first run and joined by Join() (or the destructor) before the call
 // returns: when merge() returns, the memory is back and a failure is counted, as if punched in
 // line. Punching needs neither the arena's state nor the process's mmap lock, only the file (whose
@@ -296,8 +296,6 @@ struct Allocation {
 };
 
 constexpr size_t kBounce = 256 * 1024;
-// The chunk of a long merge extent (see Merge): measured on bench:bridge's 512 MiB merge.
-constexpr uint64_t kMergeChunkMiB = 16;
 
 struct Owner;
 
@@ -335,13 +333,6 @@ struct ArenaCore {
   bool spans = [] {
     const char* off = getenv("PAGEMERGE_NO_SPANS");
     return !(off && *off && *off != '0');
-  }();
-  // Merge extents longer than this many pages go chunk by chunk, each chunk's reclaim overlapping
-  // the next one's comparison (Merge); PAGEMERGE_MERGE_CHUNK_MIB (0: never) sets it, to compare.
-  uint64_t chunkPages = [] {
-    const char* v = getenv("PAGEMERGE_MERGE_CHUNK_MIB");
-    uint64_t mib = v && *v ? strtoull(v, nullptr, 10) : kMergeChunkMiB;
-    return mib == 0 ? 0 : std::max<uint64_t>(512, std::min<uint64_t>(mib, 1u << 20) * 256 / 512 * 512);
   }();
 
   ~ArenaCore() {
@@ -1029,9 +1020,6 @@ class Arena : public Napi::ObjectWrap<Arena> {
                               std::to_string(r[3]) + ", which are not all live pool pages");
     }
     uint64_t done = 0;
-    // Punches the own pages of long extents' chunks while the next chunks are compared; joined
-    // below, before the call returns (and before the lock is released, on any way out).
-    Reclaimer reclaim(c.fd, &c.punchFailures);
     auto mergeable = [&](size_t k, SpanExt* e) {
       const uint32_t* r = ex.rec + k * 4;
       Allocation* a = alloc[k];
@@ -1088,11 +1076,6 @@ class Arena : public Napi::ObjectWrap<Arena> {
         }
         stage = static_cast<uint8_t*>(m);
       }
-      // A long extent goes chunk by chunk; that holds one more mapping for a moment (below).
-      if (stage && c.chunkPages && count > c.chunkPages && static_cast<double>(c.mappings + 2) <= budget) {
-        ex.status[i] = MergeChunked(*a, page, static_cast<uint32_t>(poolPage), count, stage, reclaim, &done);
-        continue;
-      }
       ProtectedRange hold(c.wp, dst, len);  // from the comparison to the remap, writers wait
       if (hold.error()) {
         if (stage) munmap(stage, len);
@@ -1119,51 +1102,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     }
     if (c.mappings >= 0) c.mappings -= c.reserved;  // reserved cuts whose merges were not asked for
     c.reserved = 0;
-    reclaim.Join();  // the memory is back (and failures counted) when merge() returns
     return Napi::Number::New(env, static_cast<double>(done));
-  }
-
-  // Merges a long extent chunk by chunk through `stage`, its staging mapping (the whole extent,
-  // congruent to it modulo 2 MiB). Each chunk in turn is write-protected, compared in full with
-  // its pool pages and moved over by mremap, exactly as a short extent; its own pages are then
-  // handed to `reclaim`, punched on its thread while this one compares the next chunk. Chunks end
-  // at 2 MiB-aligned addresses (whole page tables move), and each lands next to the one before at
-  // the next pool offset, so the kernel joins them into one mapping. Returns kOk, or the status of
-  // the first chunk that failed: that chunk and the ones after it are left alone (their staging
-  // unmapped), the ones before stay merged. Adds the pages merged to *done.
-  int32_t MergeChunked(Allocation& a, uint64_t page, uint32_t poolPage, uint64_t count, uint8_t* stage, Reclaimer& reclaim, uint64_t* done) {
-    ArenaCore& c = *core_;
-    constexpr uint64_t kPmdPages = 512;
-    uint8_t* dst = a.base + page * kPage;
-    const uint64_t lead = reinterpret_cast<uintptr_t>(dst) / kPage % kPmdPages;  // dst's page within its 2 MiB
-    int32_t v = kOk;
-    uint64_t off = 0;
-    while (off < count) {
-      uint64_t end = std::min(count, (lead + off + c.chunkPages) / kPmdPages * kPmdPages - lead);
-      const size_t clen = (end - off) * kPage;
-      uint8_t* at = dst + off * kPage;
-      uint8_t* from = stage + off * kPage;
-      if (int err = c.wp.Protect(at, clen)) {  // from the comparison to the remap, writers wait
-        v = -err;
-        break;
-      }
-      if (std::memcmp(at, from, clen) != 0) {
-        c.wp.Release(at, clen, false);
-        v = kMismatch;
-        break;
-      }
-      if (mremap(from, clen, clen, MREMAP_MAYMOVE | MREMAP_FIXED, at) == MAP_FAILED) {
-        v = -errno;
-        c.wp.Release(at, clen, false);
-        break;
-      }
-      c.wp.Release(at, clen, true);  // the protection left with the old mapping: wake the writers
-      c.Retarget(a, page + off, end - off, poolPage + static_cast<uint32_t>(off), kMerged, &reclaim);
-      *done += end - off;
-      off = end;
-    }
-    if (off < count) munmap(stage + off * kPage, (count - off) * kPage);
-    return v;
   }
 
   // dropZero(extents [id, page, count], status, budget) -> pages dropped. Each extent must be all
