@@ -4,7 +4,11 @@
  * - the limit: one core reading 1 GiB (and 768 MiB) once;
  * - batch hashing of 1 GiB on one thread;
  * - merging two identical 512 MiB memfd windows (stabilize the first, merge the second onto it),
- *   full byte verification included, and the remap/reclaim part derived from it;
+ *   full byte verification included, and the remap/reclaim part derived from it. The goals are
+ *   judged on the merge as the coordinator sends it: extents of 512 pages (lib/engine.ts's
+ *   MAX_EXTENT_PAGES, which bounds how long a writer waits on write protection: a product
+ *   decision, not the bridge's), all in one call each. The same merge as one 512 MiB extent is
+ *   an extra row, for comparison, with no goal;
  * - dropping 768 MiB of written zero pages, for both kinds of buffer.
  *
  * Every measurement runs `--runs` times (default 3), interleaved so that each limit sample is
@@ -21,6 +25,7 @@ import { cpuTime, fillRandom, gcUntil, GB, GiB, integerOption, limitBuffer, mach
 const native = loadNative()
 const HALF = 512 * MiB // each buffer of the merged pair, and each half of the limit buffer
 const ZERO = 768 * MiB // the zero-page workload
+const EXTENT_PAGES = 512 // what the coordinator sends at most per extent (lib/engine.ts MAX_EXTENT_PAGES)
 const GOAL = {
   hashGBps: 8, // batch hashing, one thread
   mergeVsRead: 2.5, // merge of 2 x 512 MiB against reading 1 GiB once
@@ -70,7 +75,8 @@ function sameHashes(a: BigUint64Array, b: BigUint64Array): boolean {
 }
 
 function check(what: string, done: number, want: number, status: Int32Array): void {
-  if (done !== want || status[0] !== Status.OK) throw new Error(`${what}: ${done} of ${want} pages, status ${status[0]}`)
+  const bad = status.findIndex((s) => s !== Status.OK)
+  if (done !== want || bad >= 0) throw new Error(`${what}: ${done} of ${want} pages, status ${bad >= 0 ? `${status[bad]} (extent ${bad})` : 'OK'}`)
 }
 
 const m = {
@@ -84,6 +90,10 @@ const m = {
   verifyMs: series(),
   remapMs: series(),
   refaultMs: series(),
+  oneMs: series(), // the same merge as one extent each (extra: no goal)
+  oneCpuMs: series(),
+  oneStabilizeMs: series(),
+  oneMergeCallMs: series(),
   mergePssBefore: series(),
   mergePssAfter: series(),
   mergeMapsBefore: series(),
@@ -116,9 +126,22 @@ function measureLimit(limit: Uint8Array, hashes: BigUint64Array): void {
   m.hash1GiBMs.push(time(() => native.hashPages(limit, 0, hashes.length, hashes, 0)))
 }
 
-/** Two identical 512 MiB memfd windows: stabilize the first as one extent, merge the second onto it. */
-function measureMerge(arena: NativeArena, seed: number): void {
+/** Records [id, page, (pool,) count, (1)] covering `pages` pages of `id` in extents of `per` pages. */
+function extents(id: number, pages: number, per: number, pool?: Uint32Array): Uint32Array {
+  const n = pages / per, out = new Uint32Array(n * 4)
+  for (let k = 0; k < n; k++) out.set(pool ? [id, k * per, pool[k]!, per] : [id, k * per, per, 1], 4 * k)
+  return out
+}
+
+/**
+ * Two identical 512 MiB memfd windows: stabilize the first, merge the second onto it, in extents of
+ * `per` pages (one call each). With `per` = EXTENT_PAGES this is what the goals are judged on; with
+ * `per` = the whole buffer, only its time is kept (the extra row).
+ */
+function measureMerge(arena: NativeArena, seed: number, per: number): void {
   const pages = pagesOf(HALF)
+  const n = pages / per
+  const extra = per !== EXTENT_PAGES
   const a = new Uint8Array(arena.alloc(HALF, true))
   const b = new Uint8Array(arena.alloc(HALF, true))
   fillRandom(a, seed)
@@ -129,34 +152,46 @@ function measureMerge(arena: NativeArena, seed: number): void {
   trace('merge: hashed')
   // The verification cost: the same bytes compared by the same memcmp, outside the bridge. The
   // faster of two passes (the steady state, as for the limit); it leaves the larger share to remap + reclaim.
-  m.verifyMs.push(Math.min(time(() => native.comparePages(a, 0, b, 0, pages)), time(() => native.comparePages(a, 0, b, 0, pages))))
+  const verify = Math.min(time(() => native.comparePages(a, 0, b, 0, pages)), time(() => native.comparePages(a, 0, b, 0, pages)))
   const budget = defaultMapBudget()
-  const status = new Int32Array(1)
-  const pool = new Uint32Array(1)
+  const status = new Int32Array(n)
+  const pool = new Uint32Array(n)
   const pss = smapsRollup().Pss
   const maps = native.mappingCount()
   const arenaBytes = arena.stats().arenaBytes
   let stabilized = 0, merged = 0, stab = 0, merge = 0
   const cpu = cpuTime(() => {
-    stab = time(() => (stabilized = arena.stabilize(new Uint32Array([arena.idOf(a), 0, pages, 1]), status, budget, pool)))
+    const st = extents(arena.idOf(a), pages, per)
+    stab = time(() => (stabilized = arena.stabilize(st, status, budget, pool)))
     check('stabilize', stabilized, pages, status)
-    merge = time(() => (merged = arena.merge(new Uint32Array([arena.idOf(b), 0, pool[0]!, pages]), status, budget)))
+    const mg = extents(arena.idOf(b), pages, per, pool)
+    merge = time(() => (merged = arena.merge(mg, status, budget)))
     check('merge', merged, pages, status)
   })
-  m.mergeCpuMs.push(cpu)
-  m.mergeMapsAfter.push(native.mappingCount())
-  m.mergeMapsBefore.push(maps)
-  m.stabilizeMs.push(stab)
-  m.mergeCallMs.push(merge)
-  m.mergeMs.push(stab + merge)
-  m.remapMs.push(stab + merge - m.verifyMs.samples[m.verifyMs.samples.length - 1]!)
+  const mapsAfter = native.mappingCount()
   // Both buffers now map the pool through new mappings: read them (and check every page's hash)
   // so that Pss counts what they use; this first read pays the faults the remap left behind.
   let ha: BigUint64Array | undefined, hb: BigUint64Array | undefined
   trace('merge: merged')
-  m.refaultMs.push(time(() => ((ha = hashAll(a)), (hb = hashAll(b)))))
+  const refault = time(() => ((ha = hashAll(a)), (hb = hashAll(b))))
   trace('merge: read back')
   if (!sameHashes(ha!, want) || !sameHashes(hb!, want)) throw new Error('bytes changed by merging')
+  if (extra) {
+    m.oneMs.push(stab + merge)
+    m.oneCpuMs.push(cpu)
+    m.oneStabilizeMs.push(stab)
+    m.oneMergeCallMs.push(merge)
+    return
+  }
+  m.verifyMs.push(verify)
+  m.mergeCpuMs.push(cpu)
+  m.mergeMapsAfter.push(mapsAfter)
+  m.mergeMapsBefore.push(maps)
+  m.stabilizeMs.push(stab)
+  m.mergeCallMs.push(merge)
+  m.mergeMs.push(stab + merge)
+  m.remapMs.push(stab + merge - verify)
+  m.refaultMs.push(refault)
   m.mergePssBefore.push(pss)
   m.mergePssAfter.push(smapsRollup().Pss)
   m.mergeArenaBefore.push(arenaBytes)
@@ -212,9 +247,12 @@ async function main(): Promise<void> {
   for (let run = 0; run < opts.runs; run++) {
     measureLimit(limit, hashes)
     trace('limit: measured')
-    measureMerge(arena, 100 + run)
+    measureMerge(arena, 100 + run, EXTENT_PAGES)
     await collect(arena, 1)
     trace('merge: collected')
+    measureMerge(arena, 200 + run, pagesOf(HALF))
+    await collect(arena, 1)
+    trace('merge as one extent: collected')
     for (const shared of [true, false]) {
       measureZero(arena, shared)
       await collect(arena, 1)
@@ -251,7 +289,7 @@ function report(opts: Options, seconds: number): void {
     { name: 'limit: read 1 GiB once (memcmp of 2 x 512 MiB)', value: ms(read1) + ` = ${(GiB / GB / (read1 / 1e3)).toFixed(1)} GB/s`, samples: list(m.read1GiBMs, num) },
     { name: 'limit: read 768 MiB once (memcmp of 2 x 384 MiB)', value: ms(read768), samples: list(m.read768MiBMs, num) },
     { name: 'hash 1 GiB, xxh3-64 per page, one thread', value: `${hashGBps.toFixed(1)} GB/s`, samples: list(m.hash1GiBMs, (v) => (GiB / GB / (v / 1e3)).toFixed(1)), goal: goals.hash.goal, pass: goals.hash.pass },
-    { name: 'merge 2 x 512 MiB memfd (stabilize + merge)', value: ms(merge) + ratio(merge, read1), samples: list(m.mergeMs, num), goal: `${goals.merge.goal} = ${ms(goals.merge.limit)}`, pass: goals.merge.pass },
+    { name: `merge 2 x 512 MiB memfd, extents of ${EXTENT_PAGES} pages (stabilize + merge)`, value: ms(merge) + ratio(merge, read1), samples: list(m.mergeMs, num), goal: `${goals.merge.goal} = ${ms(goals.merge.limit)}`, pass: goals.merge.pass },
     { name: '  CPU time (user + system)', value: ms(med(m.mergeCpuMs)), samples: list(m.mergeCpuMs, num) },
     { name: '  stabilize call (first buffer, in place)', value: ms(med(m.stabilizeMs)), samples: list(m.stabilizeMs, num) },
     { name: '  merge call (verify + remap + punch)', value: ms(med(m.mergeCallMs)), samples: list(m.mergeCallMs, num) },
@@ -261,6 +299,9 @@ function report(opts: Options, seconds: number): void {
     { name: '  arena file bytes, before -> after', value: `${mib(med(m.mergeArenaBefore))} -> ${mib(med(m.mergeArenaAfter))}`, samples: '' },
     { name: '  mappings (VMAs), before -> after', value: `${med(m.mergeMapsBefore)} -> ${med(m.mergeMapsAfter)}`, samples: m.mergeMapsBefore.samples.map((v, i) => `${v}->${m.mergeMapsAfter.samples[i]}`).join('  ') },
     { name: '  first read of both buffers after merging', value: ms(med(m.refaultMs)), samples: list(m.refaultMs, num) },
+    { name: 'extra, no goal: the same merge as one 512 MiB extent', value: ms(med(m.oneMs)) + ratio(med(m.oneMs), read1), samples: list(m.oneMs, num) },
+    { name: '  CPU time (user + system)', value: ms(med(m.oneCpuMs)), samples: list(m.oneCpuMs, num) },
+    { name: '  stabilize call; merge call', value: `${ms(med(m.oneStabilizeMs))}; ${ms(med(m.oneMergeCallMs))}`, samples: m.oneStabilizeMs.samples.map((v, i) => `${num(v)};${num(m.oneMergeCallMs.samples[i]!)}`).join('  ') },
     { name: 'drop 768 MiB zero pages, memfd window', value: ms(zs) + ratio(zs, read768), samples: list(m.zeroSharedMs, num), goal: `${goals.zeroShared.goal} = ${ms(goals.zeroShared.limit)}`, pass: goals.zeroShared.pass },
     { name: '  CPU time (user + system)', value: ms(med(m.zeroSharedCpuMs)), samples: list(m.zeroSharedCpuMs, num) },
     { name: '  Pss freed; mappings added', value: `${mib(med(m.zeroSharedPssFreed))}; ${med(m.zeroSharedMapsDelta)}`, samples: list(m.zeroSharedPssFreed, mib) },
@@ -269,7 +310,8 @@ function report(opts: Options, seconds: number): void {
     { name: '  Pss freed; mappings added', value: `${mib(med(m.zeroPrivatePssFreed))}; ${med(m.zeroPrivateMapsDelta)}`, samples: list(m.zeroPrivatePssFreed, mib) },
   ]
   console.log(`pagemerge bridge bench: ${opts.runs} runs, medians; GB = 10^9 bytes`)
-  console.log(`${machineLine()}\n`)
+  console.log(`${machineLine()}`)
+  console.log(`merge goals judged on extents of ${EXTENT_PAGES} pages in one call, as lib/engine.ts sends them (its extent cap bounds a writer's wait); one 512 MiB extent is shown for comparison only\n`)
   printTable(rows)
   const all = Object.values(goals)
   console.log(`\n${all.filter((g) => g.pass).length} of ${all.length} goals met; ${seconds.toFixed(1)} s in all; load average ${loadBefore.toFixed(2)} before, ${loadavg()[0]!.toFixed(2)} after`)

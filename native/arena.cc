@@ -9,6 +9,8 @@
 #include "wprotect.h"
 
 #include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
 #include <linux/falloc.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -18,12 +20,16 @@
 #include <cerrno>
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <optional>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -79,10 +85,162 @@ class RefTable {
   std::unordered_map<uint32_t, Chunk> chunks_;
 };
 
-// Coalesces arena pages into runs and punches each run out of the file in one fallocate.
+// Punches runs of file pages that nothing maps any more, on a helper thread once a call has
+// enough of them, so that the calling thread goes on with its next extent meanwhile (see Merge,
+// DropZero, Stabilize). A run is handed over only after the remap that replaced its last mapping,
+// and only if nothing in the call can map it again (a window's own pages, holes), never a page
+// still mapped (a window punched in place) or one the call may reuse (freed pool pages).
+//
+// Runs that continue the last one not yet punched join it: a span's extents and gaps, one after
+// another in the file, go in one fallocate instead of one each. The helper starts when a run
+// arrives while at least kStartPages are waiting (until then runs wait, and are punched in line
+// at Join if it never starts): a call with one punch, or a few small ones, starts no thread. It
+// is joined by Join() (or the destructor) before the call returns: when the call returns, the
+// memory is back and a failure is counted, as if punched in line. Punching needs neither the
+// arena's state nor the process's mmap lock, only the file (whose inode lock serialises punches:
+// one helper is as fast as more). If no thread can be started, runs are punched in line.
+class Reclaimer {
+ public:
+  Reclaimer(int fd, uint64_t* failures) : fd_(fd), failures_(failures) {}
+  ~Reclaimer() { Join(); }
+  Reclaimer(const Reclaimer&) = delete;
+  Reclaimer& operator=(const Reclaimer&) = delete;
+
+  void Add(uint64_t page, uint64_t count) {
+    if (!count) return;
+    if (inLine_) return PunchHere(page, count);
+    if (running_) {
+      {
+        std::lock_guard<std::mutex> g(mu_);
+        if (next_ < runs_.size() && runs_.back().first + runs_.back().second == page) {  // not taken yet: one punch
+          runs_.back().second += count;
+          return;
+        }
+        if (!Push(page, count)) return PunchHere(page, count);
+      }
+      cv_.notify_one();
+      return;
+    }
+    // No helper yet: only this thread touches the queue. It starts once a punch worth a thread
+    // is waiting and the call goes on (this run is more work after it).
+    const bool start = waiting_ >= kStartPages;
+    if (!runs_.empty() && runs_.back().first + runs_.back().second == page) runs_.back().second += count;
+    else if (!Push(page, count)) return PunchHere(page, count);
+    waiting_ += count;
+    if (start) Start();
+  }
+
+  // Waits until every run is punched (or punches them here, if no helper started); adds the
+  // failures to the count the arena reports.
+  void Join() {
+    if (running_) {
+      {
+        std::lock_guard<std::mutex> g(mu_);
+        closed_ = true;
+      }
+      cv_.notify_one();
+      pthread_join(thread_, nullptr);
+      running_ = false;
+      std::free(stack_);
+      stack_ = nullptr;
+      *failures_ += failed_;
+      failed_ = 0;
+      closed_ = false;
+    } else {
+      for (const auto& r : runs_) PunchHere(r.first, r.second);
+    }
+    runs_.clear();
+    next_ = 0;
+    waiting_ = 0;
+  }
+
+  static bool Punch(int fd, uint64_t page, uint64_t count) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(page * kPage),
+                     static_cast<off_t>(count * kPage)) == 0;
+  }
+
+ private:
+  // A helper costs 50-130 us to start and join here; punching 2 MiB costs ~0.2 ms.
+  static constexpr uint64_t kStartPages = 512;
+
+  void PunchHere(uint64_t page, uint64_t count) {
+    if (!Punch(fd_, page, count)) (*failures_)++;  // memory not returned, bytes unharmed: counted in stats().punchFailures
+  }
+
+  bool Push(uint64_t page, uint64_t count) {
+    try {
+      runs_.emplace_back(page, count);
+      return true;
+    } catch (const std::bad_alloc&) {
+      return false;
+    }
+  }
+
+  // Starts the helper on a small stack from the heap: a thread's own stack (and guard page) would be
+  // two more mappings for the process, and the helper needs little (a lock and a system call; it
+  // allocates nothing, so it gets no malloc arena either). It takes no process signal (it starts
+  // with a full mask): those stay with Node's threads. The runs waiting are its first. If it
+  // cannot start (thread limits, no memory), they and all later runs are punched in line.
+  void Start() {
+    stack_ = std::malloc(kStack);
+    pthread_attr_t attr;
+    if (stack_ && pthread_attr_init(&attr) == 0) {
+      sigset_t all, old;
+      sigfillset(&all);
+      pthread_sigmask(SIG_SETMASK, &all, &old);
+      if (pthread_attr_setstack(&attr, stack_, kStack) == 0 && pthread_create(&thread_, &attr, &Reclaimer::Main, this) == 0)
+        running_ = true;
+      pthread_sigmask(SIG_SETMASK, &old, nullptr);
+      pthread_attr_destroy(&attr);
+    }
+    if (running_) return;
+    std::free(stack_);
+    stack_ = nullptr;
+    inLine_ = true;
+    for (const auto& r : runs_) PunchHere(r.first, r.second);
+    runs_.clear();
+    waiting_ = 0;
+  }
+
+  static void* Main(void* self) {
+    static_cast<Reclaimer*>(self)->Run();
+    return nullptr;
+  }
+
+  void Run() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [this] { return closed_ || next_ < runs_.size(); });
+      if (next_ == runs_.size()) return;  // closed, and nothing left
+      std::pair<uint64_t, uint64_t> r = runs_[next_++];
+      lock.unlock();
+      bool ok = Punch(fd_, r.first, r.second);
+      lock.lock();
+      if (!ok) failed_++;
+    }
+  }
+
+  int fd_;
+  uint64_t* failures_;  // the arena's count: touched only by the calling thread
+  static constexpr size_t kStack = 64 * 1024;  // under malloc's mmap threshold: no mapping of its own
+  bool inLine_ = false;   // the helper could not start: punch everything here
+  bool running_ = false;
+  uint64_t waiting_ = 0;  // pages queued before the helper started
+  pthread_t thread_{};
+  void* stack_ = nullptr;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::pair<uint64_t, uint64_t>> runs_;  // (first file page, count); guarded by mu_ while running_
+  size_t next_ = 0;                                   // the first not taken yet, guarded by mu_
+  bool closed_ = false;                               // guarded by mu_
+  uint64_t failed_ = 0;                               // guarded by mu_ (read after the join)
+};
+
+// Coalesces arena pages into runs and punches each run out of the file in one fallocate (or hands
+// it to a Reclaimer, which punches it on its thread).
 class Puncher {
  public:
-  Puncher(int fd, uint64_t* failures) : fd_(fd), failures_(failures) {}
+  Puncher(int fd, uint64_t* failures, Reclaimer* later = nullptr) : fd_(fd), failures_(failures), later_(later) {}
   ~Puncher() { Flush(); }
   void Add(uint64_t page) {
     if (len_ && page == start_ + len_) {
@@ -95,15 +253,15 @@ class Puncher {
   }
   void Flush() {
     if (!len_) return;
-    if (fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(start_ * kPage),
-                  static_cast<off_t>(len_ * kPage)) != 0)
-      (*failures_)++;  // memory not returned, bytes unharmed: counted in stats().punchFailures
+    if (later_) later_->Add(start_, len_);
+    else if (!Reclaimer::Punch(fd_, start_, len_)) (*failures_)++;  // memory not returned, bytes unharmed: counted in stats().punchFailures
     len_ = 0;
   }
 
  private:
   int fd_;
   uint64_t* failures_;
+  Reclaimer* later_;
   uint64_t start_ = 0, len_ = 0;
 };
 
@@ -290,10 +448,11 @@ struct ArenaCore {
   }
 
   // Records that pages [first, first+count) of `a` now map pool pages from `poolFirst` (state
-  // kMerged) or no pool page (poolFirst == kNoPool). Own pages no longer mapped are punched, and
-  // pool pages whose last mapping this was are punched too.
-  void Retarget(Allocation& a, uint64_t first, uint64_t count, uint32_t poolFirst, uint8_t newState) {
-    Puncher own(fd, &punchFailures), freed(fd, &punchFailures);
+  // kMerged) or no pool page (poolFirst == kNoPool). Own pages no longer mapped are punched (by
+  // `later`, if given: only once no mapping uses them, after the remap), and pool pages whose last
+  // mapping this was are punched too, in line (a later stabilize of the call may reuse their range).
+  void Retarget(Allocation& a, uint64_t first, uint64_t count, uint32_t poolFirst, uint8_t newState, Reclaimer* later = nullptr) {
+    Puncher own(fd, &punchFailures, later), freed(fd, &punchFailures);
     if (poolFirst != kNoPool)  // take the new references first: remapping onto the same page never frees it
       for (uint64_t k = 0; k < count; k++) IncRef(poolFirst + static_cast<uint32_t>(k));
     uint64_t end = first + count;
@@ -793,6 +952,9 @@ class Arena : public Napi::ObjectWrap<Arena> {
     std::vector<Allocation*> alloc;
     if (!ResolveAll(env, ex, 4, 2, &alloc)) return Napi::Value();
     uint64_t done = 0;
+    // Punches the own pages that copies and gap pages replace; joined before the call returns.
+    // Copies that fail are punched in line: their range is given back and may be taken again.
+    Reclaimer reclaim(c.fd, &c.punchFailures);
     // Runs of a shared window stabilized in place map the file at the window's own offset: a
     // sequence of them with small gaps between becomes one span (one mapping, see FindSpan).
     auto inPlace = [&](size_t k, SpanExt* e) {
@@ -822,7 +984,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
           for (const SpanExt& e : span) ex.status[e.index] = kBudget;
         } else {
           c.reserved += follow;
-          done += ApplySpan(span, kSpanStabilize, ex.status, poolOut);
+          done += ApplySpan(span, kSpanStabilize, ex.status, poolOut, &reclaim);
         }
         i = span.back().index;
         continue;
@@ -868,7 +1030,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
       if (hold) hold->Remapped();
       if (!copied)  // the window's own pages now belong to the pool; they must not be punched as own pages
         for (uint64_t k = 0; k < count; k++) a->state[page + k] = kAnon;
-      c.Retarget(*a, page, count, static_cast<uint32_t>(target), kMerged);
+      c.Retarget(*a, page, count, static_cast<uint32_t>(target), kMerged, &reclaim);
       if (copied) c.draining[target] = ArenaCore::Drain{count, count};
       poolOut[i] = static_cast<uint32_t>(target);
       ex.status[i] = kOk;
@@ -897,6 +1059,9 @@ class Arena : public Napi::ObjectWrap<Arena> {
                               std::to_string(r[3]) + ", which are not all live pool pages");
     }
     uint64_t done = 0;
+    // Punches each extent's own pages while the next extents are compared and remapped; joined
+    // below, before the call returns (and before the lock is released, on any way out).
+    Reclaimer reclaim(c.fd, &c.punchFailures);
     auto mergeable = [&](size_t k, SpanExt* e) {
       const uint32_t* r = ex.rec + k * 4;
       Allocation* a = alloc[k];
@@ -929,7 +1094,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
           i = span.back().index;
           continue;
         }
-        done += ApplySpan(span, kSpanMerge, ex.status, nullptr);
+        done += ApplySpan(span, kSpanMerge, ex.status, nullptr, &reclaim);
         i = span.back().index;
         continue;
       }
@@ -973,12 +1138,13 @@ class Arena : public Napi::ObjectWrap<Arena> {
         continue;
       }
       hold.Remapped();
-      c.Retarget(*a, page, count, static_cast<uint32_t>(poolPage), kMerged);
+      c.Retarget(*a, page, count, static_cast<uint32_t>(poolPage), kMerged, &reclaim);
       ex.status[i] = kOk;
       done += count;
     }
     if (c.mappings >= 0) c.mappings -= c.reserved;  // reserved cuts whose merges were not asked for
     c.reserved = 0;
+    reclaim.Join();  // the memory is back (and failures counted) when merge() returns
     return Napi::Number::New(env, static_cast<double>(done));
   }
 
@@ -996,6 +1162,10 @@ class Arena : public Napi::ObjectWrap<Arena> {
     std::vector<Allocation*> alloc;
     if (!ResolveAll(env, ex, 3, 2, &alloc)) return Napi::Value();
     uint64_t done = 0;
+    // Punches the own pages of extents remapped to anonymous memory while the next ones are
+    // checked; joined before the call returns. Windows punched in place are punched in line, under
+    // their write protection: they are still mapped.
+    Reclaimer reclaim(c.fd, &c.punchFailures);
     // File-backed runs (anonymous ones drop in place, at no mapping's cost) with small gaps between
     // become one anonymous span: sparse zero pages would otherwise cost a mapping or two per run.
     auto remapped = [&](size_t k, SpanExt* e) {
@@ -1015,7 +1185,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
       }
       FindSpan(i, ex.n, remapped, &span);
       if (!span.empty() && c.Fits(kCuts + 1, budget)) {  // else: one extent at a time, as below
-        done += ApplySpan(span, kSpanZero, ex.status, nullptr);
+        done += ApplySpan(span, kSpanZero, ex.status, nullptr, &reclaim);
         i = span.back().index;
         continue;
       }
@@ -1050,7 +1220,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
         continue;
       }
       if (remap) hold.Remapped();  // a new mapping; pages dropped in place keep theirs, whose protection Release() clears
-      c.Retarget(*a, page, count, kNoPool, remap || anon ? kAnon : kShared);
+      c.Retarget(*a, page, count, kNoPool, remap || anon ? kAnon : kShared, remap ? &reclaim : nullptr);
       ex.status[i] = kOk;
       done += count;
     }
@@ -1279,8 +1449,9 @@ class Arena : public Napi::ObjectWrap<Arena> {
   // check each extent first (its pool pages, or zero bytes); an extent that fails is reported and
   // left as gap pages, and the span shrinks to its first..last extent that passed. Sets the status
   // of every extent (and poolOut, if given, for the ones done); returns the pages done. Nothing
-  // changes unless the final mremap succeeds.
-  uint64_t ApplySpan(const std::vector<SpanExt>& es, SpanKind kind, int32_t* status, uint32_t* poolOut) {
+  // changes unless the final mremap succeeds. The pages it frees (own pages under the span, file
+  // holes the gap copies filled) are handed to `later`, which punches them after that.
+  uint64_t ApplySpan(const std::vector<SpanExt>& es, SpanKind kind, int32_t* status, uint32_t* poolOut, Reclaimer* later) {
     ArenaCore& c = *core_;
     const bool anon = kind == kSpanZero;
     const uint64_t first = es.front().at(), pages = es.back().at() + es.back().count - first, len = pages * kPage;
@@ -1299,8 +1470,8 @@ class Arena : public Napi::ObjectWrap<Arena> {
     std::vector<uint64_t> holes;
     for (uint64_t k = 0; k < pages && !anon; k++)
       if (!in[k] && !c.FileLive(file + k)) holes.push_back(file + k);
-    auto punchHoles = [&] {
-      Puncher p(c.fd, &c.punchFailures);
+    auto punchHoles = [&] {  // no mapping uses them once the staging mapping is gone or moved
+      Puncher p(c.fd, &c.punchFailures, later);
       for (uint64_t f : holes) p.Add(f);
     };
     auto failAll = [&](int err) {
@@ -1372,12 +1543,12 @@ class Arena : public Napi::ObjectWrap<Arena> {
       done += e.count;
       Allocation& a = *e.a;
       if (anon) {  // anonymous memory that was never written: reads map the kernel's zero page
-        c.Retarget(a, e.page, e.count, kNoPool, kAnon);
+        c.Retarget(a, e.page, e.count, kNoPool, kAnon, later);
         continue;
       }
       if (kind == kSpanStabilize)  // the window's own pages become the pool pages, not punched
         for (uint64_t k = 0; k < e.count; k++) a.state[e.page + k] = kAnon;
-      c.Retarget(a, e.page, e.count, static_cast<uint32_t>(e.file), kMerged);
+      c.Retarget(a, e.page, e.count, static_cast<uint32_t>(e.file), kMerged, later);
       if (poolOut) poolOut[e.index] = static_cast<uint32_t>(e.file);
     }
     for (uint64_t k = from; k < to;) {  // the gap runs: private copies inside the new mapping
@@ -1388,7 +1559,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
       Allocation& a = *who[k];
       uint64_t stop = k;
       while (stop < to && !in[stop] && who[stop] == &a) stop++;
-      c.Retarget(a, first + k - static_cast<uint64_t>(a.own), stop - k, kNoPool, anon ? kAnon : kWritten);
+      c.Retarget(a, first + k - static_cast<uint64_t>(a.own), stop - k, kNoPool, anon ? kAnon : kWritten, later);
       k = stop;
     }
     return done;

@@ -1,5 +1,6 @@
 // The native page bridge, judged by what the OS reports: Pss, page frames, mappings, file blocks.
 import t from 'tap'
+import { readFileSync } from 'node:fs'
 import { loadNative, PageState, Status, NO_POOL } from '../lib/native'
 import { smapsRollup } from '../lib/procfs'
 import { digest, fillRandom, gcUntil, isRoot, MiB, PAGE, pssOf, touch } from './fixtures/util'
@@ -142,6 +143,96 @@ t.test('a merge whose bytes no longer match is refused and reported, nothing cha
   const states = new Uint8Array(256), pools = new Uint32Array(256)
   arena.pageStates(b, 0, 256, states, pools)
   t.ok(states.subarray(128).every((s) => s === PageState.SHARED), 'its pages stay private')
+  t.equal(digest(b), db, 'bytes unchanged')
+})
+
+/** The mappings (lines of /proc/self/maps) that cover part of `buf`. */
+function mappingsOver(buf: Uint8Array): number {
+  const lo = native.addressOf(buf), hi = lo + BigInt(buf.byteLength)
+  return readFileSync('/proc/self/maps', 'utf8').split('\n').filter((l) => {
+    if (!l) return false
+    const [s, e] = l.split(' ')[0]!.split('-').map((x) => BigInt('0x' + x))
+    return s! < hi && e! > lo
+  }).length
+}
+
+/** Stabilizes `a` and merges `b` onto it as the coordinator sends them: extents of `per` pages, one call each. */
+function mergeExtents(arena: InstanceType<typeof native.Arena>, a: Uint8Array, b: Uint8Array, per: number) {
+  const n = a.byteLength / PAGE / per
+  const st = new Uint32Array(n * 4), mg = new Uint32Array(n * 4), pool = new Uint32Array(n)
+  for (let k = 0; k < n; k++) st.set([arena.idOf(a), k * per, per, 1], 4 * k)
+  const stStatus = new Int32Array(n), status = new Int32Array(n)
+  if (arena.stabilize(st, stStatus, BUDGET, pool) !== n * per || !stStatus.every((s) => s === Status.OK)) throw new Error('stabilize')
+  for (let k = 0; k < n; k++) mg.set([arena.idOf(b), k * per, pool[k]!, per], 4 * k)
+  const file = arena.stats().arenaBytes
+  const merged = arena.merge(mg, status, BUDGET)
+  return { merged, status, pool, file, fileAfter: arena.stats().arenaBytes }
+}
+
+t.test('a long extent whose last pages differ is left alone entirely and reported', async (t) => {
+  const arena = new native.Arena()
+  const { a, b } = pair(arena, 24 * MiB, 22)
+  const pages = b.byteLength / PAGE
+  const status = new Int32Array(1), pool = new Uint32Array(1)
+  arena.stabilize(new Uint32Array([arena.idOf(a), 0, pages, 1]), status, BUDGET, pool)
+  const changed = pages - 7 // near the end: every page before it matches
+  b[changed * PAGE + 9] = b[changed * PAGE + 9]! ^ 1
+  const db = digest(b)
+  const file = arena.stats().arenaBytes
+  const merged = arena.merge(new Uint32Array([arena.idOf(b), 0, pool[0]!, pages]), status, BUDGET)
+  t.equal(status[0], Status.MISMATCH, 'the extent is reported')
+  t.equal(merged, 0, 'no page of it merged')
+  const states = new Uint8Array(pages), pools = new Uint32Array(pages)
+  arena.pageStates(b, 0, pages, states, pools)
+  t.ok(states.every((s) => s === PageState.SHARED), 'every page keeps its own page')
+  t.equal(arena.stats().arenaBytes, file, 'nothing punched')
+  t.equal(mappingsOver(b), 1, 'its window is one mapping, as before')
+  t.equal(digest(b), db, 'bytes unchanged')
+})
+
+for (const spans of [true, false]) {
+  t.test(`many extents in one merge call${spans ? '' : ' (PAGEMERGE_NO_SPANS=1: one mapping per extent)'}: all merged, their pages punched by the time merge() returns, few mappings, bytes intact`, async (t) => {
+    if (!spans) process.env.PAGEMERGE_NO_SPANS = '1' // read when an arena is made
+    const arena = new native.Arena()
+    delete process.env.PAGEMERGE_NO_SPANS
+    const { a, b } = pair(arena, 32 * MiB, 23)
+    const da = digest(a), pages = b.byteLength / PAGE
+    touch(a, b)
+    const before = { pss: pssOf(a, b), maps: native.mappingCount() }
+    const { merged, status, pool, file, fileAfter } = mergeExtents(arena, a, b, 512)
+    const maps = native.mappingCount()
+    t.equal(merged, pages, 'every page merged')
+    t.ok(status.every((s) => s === Status.OK), 'every extent OK')
+    t.equal(fileAfter, file - b.byteLength, "the second buffer's own pages are punched when merge() returns")
+    t.equal(arena.stats().punchFailures, 0)
+    touch(a, b)
+    const freed = before.pss - pssOf(a, b)
+    t.ok(Math.abs(freed - b.byteLength) <= 0.01 * b.byteLength, `Pss of the buffers fell by ${(freed / MiB).toFixed(2)} MiB (32 MiB merged)`)
+    t.ok(maps - before.maps <= 4, `mappings grew by ${maps - before.maps} (the helper thread maps nothing)`)
+    t.ok(mappingsOver(b) <= (spans ? 16 : 64), `b is ${mappingsOver(b)} mappings`)
+    const states = new Uint8Array(pages), pools = new Uint32Array(pages)
+    arena.pageStates(b, 0, pages, states, pools)
+    t.ok(states.every((s) => s === PageState.MERGED), 'every page maps the pool')
+    t.ok(pools.every((p, k) => p === pool[k >> 9]! + (k & 511)), 'at its own pool page')
+    t.equal(digest(a), da, 'first buffer reads back its bytes')
+    t.equal(digest(b), da, 'second buffer reads back its bytes')
+  })
+}
+
+t.test('many extents in one merge call, a middle one differs: only it is left alone', async (t) => {
+  const arena = new native.Arena()
+  const { a, b } = pair(arena, 16 * MiB, 24)
+  const pages = b.byteLength / PAGE, bad = 3 // extents of 512 pages: the 4th of 8
+  b[(bad * 512 + 100) * PAGE + 3] = b[(bad * 512 + 100) * PAGE + 3]! ^ 1
+  const db = digest(b)
+  const { merged, status, file, fileAfter } = mergeExtents(arena, a, b, 512)
+  t.same([...status], [0, 1, 2, 3, 4, 5, 6, 7].map((k) => (k === bad ? Status.MISMATCH : Status.OK)), 'that extent is reported, the others merged')
+  t.equal(merged, pages - 512, 'the other extents merged in full')
+  const states = new Uint8Array(pages), pools = new Uint32Array(pages)
+  arena.pageStates(b, 0, pages, states, pools)
+  t.ok(states.every((s, p) => s === ((p >> 9) === bad ? PageState.SHARED : PageState.MERGED)), 'its pages keep their own pages, the rest map the pool')
+  t.equal(fileAfter, file - (pages - 512) * PAGE, 'only the merged pages were punched')
+  t.equal(arena.stats().punchFailures, 0)
   t.equal(digest(b), db, 'bytes unchanged')
 })
 

@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { Worker } from 'node:worker_threads'
 import { PageMerger } from '../lib/index'
-import { loadNative } from '../lib/native'
+import { loadNative, Status } from '../lib/native'
 import { fillRandom, MiB } from './fixtures/util'
 
 const WRITER = resolve(__dirname, 'fixtures/stress-writer.js')
@@ -161,6 +161,65 @@ t.test('a write that races the merge of a span, into a gap page or a merged page
     return s! < hi && e! > lo
   })
   t.equal(inside.length, 1, `b's pages 1-511 are one mapping: ${inside.join(' | ')}`)
+})
+
+t.test('a write that races a merge of many extents in one call, the earlier ones reclaimed meanwhile, is never lost', async (t) => {
+  // The arena's own calls: b (16 MiB) is merged onto a's pool pages as 8 extents of 512 pages (as
+  // the coordinator sends them) in one call, then made private again (unmerge), over and over.
+  // Another thread writes a byte of a page in b's last extent and checks for 2 ms that it stays,
+  // then puts it back. The earlier extents are remapped (and their pages punched on the helper
+  // thread) before the last one is compared; a write landing between its comparison and its
+  // remap would be undone without write protection.
+  const arena = new native.Arena()
+  const size = 16 * MiB, pages = size / 4096, per = 512, n = pages / per
+  const a = fillRandom(new Uint8Array(arena.alloc(size, true)), 93), b = new Uint8Array(arena.alloc(size, true))
+  b.set(a)
+  const st = new Uint32Array(n * 4), pool = new Uint32Array(n)
+  for (let k = 0; k < n; k++) st.set([arena.idOf(a), k * per, per, 1], 4 * k)
+  arena.stabilize(st, new Int32Array(n), 1e9, pool)
+  const mg = new Uint32Array(n * 4)
+  for (let k = 0; k < n; k++) mg.set([arena.idOf(b), k * per, pool[k]!, per], 4 * k)
+  const stop = new SharedArrayBuffer(4)
+  const writer = new Worker(
+    `const { parentPort, workerData: { buffer, at, stop } } = require('node:worker_threads')
+    const b = new Uint8Array(buffer), flag = new Int32Array(stop), pause = new Int32Array(new SharedArrayBuffer(4))
+    const orig = b[at]
+    let writes = 0, lost = 0
+    parentPort.postMessage('ready')
+    while (Atomics.load(flag, 0) === 0) {
+      Atomics.wait(pause, 0, 0, (writes % 4) / 2) // 0 to 1.5 ms: land at different moments of the merges
+      const v = (orig + 1 + (writes % 250)) & 0xff
+      b[at] = v
+      const until = performance.now() + 2
+      while (performance.now() < until) if (b[at] !== v) { lost++; break }
+      b[at] = orig
+      writes++
+    }
+    parentPort.postMessage({ writes, lost })`,
+    { eval: true, workerData: { buffer: b.buffer, at: (pages - 100) * 4096 + 100, stop } },
+  )
+  await once(writer, 'message') // 'ready'
+  const result = once(writer, 'message') as Promise<[{ writes: number; lost: number }]>
+  const id = arena.idOf(b), status = new Int32Array(n), other = new Int32Array(1)
+  let runs = 0, whole = 0, partial = 0
+  const end = Date.now() + 3000
+  while (Date.now() < end) {
+    const merged = arena.merge(mg, status, 1e9)
+    for (let k = 0; k < n - 1; k++) if (status[k] !== Status.OK) throw new Error(`merge: extent ${k} status ${status[k]}`)
+    if (status[n - 1] === Status.OK && merged === pages) whole++
+    else if (status[n - 1] === Status.MISMATCH && merged === pages - per) partial++
+    else throw new Error(`merge: last extent status ${status[n - 1]}, ${merged} pages`)
+    arena.unmerge(new Uint32Array([id, 0, pages]), other, 1e9)
+    if (++runs % 8 === 0) await new Promise(setImmediate)
+  }
+  Atomics.store(new Int32Array(stop), 0, 1)
+  const [{ writes, lost }] = await result
+  t.comment(`write protection: ${protection}; ${writes} writes during ${runs} merges (${whole} whole, ${partial} with the written extent left alone); ${lost} undone`)
+  t.ok(writes > 50 && runs > 20, 'writes and merges interleaved')
+  t.ok(whole > 0 && partial > 0, 'merges found the page both as before and as written')
+  t.equal(lost, 0, 'no write was undone by a merge')
+  t.equal(Buffer.compare(a, b), 0, 'and the buffers end as they began')
+  t.equal(arena.stats().punchFailures, 0)
 })
 
 t.test('read(2) into a buffer while its pages are merged: the system call waits, never fails or is lost', { skip: protection !== 'full' && `write protection is '${protection}' here: a system call into a page being merged would fail with EFAULT` }, async (t) => {
