@@ -24,6 +24,33 @@ function percentile(hist: Float64Array, share: number): number {
   return Infinity
 }
 
+/**
+ * A race writer thread's script: until `stop` is set, it writes a byte at `at` of `buffer`, checks
+ * for 2 ms that it stays (counting the rounds where it did not in `lost`) and puts the old byte
+ * back, pausing 0 to 1.5 ms before each write so that writes land at different moments of the
+ * merges. `eachRound` runs first in every round (`b` is the buffer, `workerData` what was given).
+ * It says 'ready' before its first round, and posts { writes, lost } when stopped.
+ */
+function byteRacer(eachRound = ''): string {
+  return `const { parentPort, workerData } = require('node:worker_threads')
+    const { buffer, at, stop } = workerData
+    const b = new Uint8Array(buffer), flag = new Int32Array(stop), pause = new Int32Array(new SharedArrayBuffer(4))
+    const orig = b[at]
+    let writes = 0, lost = 0
+    parentPort.postMessage('ready')
+    while (Atomics.load(flag, 0) === 0) {
+      ${eachRound}
+      Atomics.wait(pause, 0, 0, (writes % 4) / 2)
+      const v = (orig + 1 + (writes % 250)) & 0xff
+      b[at] = v
+      const until = performance.now() + 2
+      while (performance.now() < until) if (b[at] !== v) { lost++; break }
+      b[at] = orig
+      writes++
+    }
+    parentPort.postMessage({ writes, lost })`
+}
+
 t.test(`4 writer threads, 256 MiB of duplicates, ${SECONDS} s of merging flat out: every byte equals its shadow`, async (t) => {
   const pm = new PageMerger({ workers: 1 })
   t.teardown(() => pm.close())
@@ -66,24 +93,12 @@ t.test('a write that races the merge of its page is never lost', async (t) => {
   const a = fillRandom(pm.alloc(2 * MiB), 90), b = pm.alloc(2 * MiB)
   b.set(a)
   const stop = new SharedArrayBuffer(4)
-  const writer = new Worker(
-    `const { parentPort, workerData: { buffer, original, stop } } = require('node:worker_threads')
-    const b = new Uint8Array(buffer), a = new Uint8Array(original), flag = new Int32Array(stop), pause = new Int32Array(new SharedArrayBuffer(4))
-    const at = 2 * 4096 + 100, orig = b[at]
-    let writes = 0, lost = 0
-    while (Atomics.load(flag, 0) === 0) {
-      b.set(a.subarray(2 * 4096), 2 * 4096)
-      Atomics.wait(pause, 0, 0, (writes % 4) / 2) // 0 to 1.5 ms: land at different moments of the merges
-      const v = (orig + 1 + (writes % 250)) & 0xff
-      b[at] = v
-      const until = performance.now() + 2
-      while (performance.now() < until) if (b[at] !== v) { lost++; break }
-      b[at] = orig
-      writes++
-    }
-    parentPort.postMessage({ writes, lost })`,
-    { eval: true, workerData: { buffer: b.buffer, original: new Uint8Array(a).buffer, stop } },
-  )
+  // each round makes pages 2.. private again (the same bytes), so the next scan merges them again
+  const writer = new Worker(byteRacer('b.set(new Uint8Array(workerData.original).subarray(2 * 4096), 2 * 4096)'), {
+    eval: true,
+    workerData: { buffer: b.buffer, original: new Uint8Array(a).buffer, at: 2 * 4096 + 100, stop },
+  })
+  await once(writer, 'message') // 'ready'
   const result = once(writer, 'message') as Promise<[{ writes: number; lost: number }]>
   let runs = 0
   const end = Date.now() + 3000
@@ -180,24 +195,7 @@ t.test('a write that races a merge of many extents in one call, the earlier ones
   const mg = new Uint32Array(n * 4)
   for (let k = 0; k < n; k++) mg.set([arena.idOf(b), k * per, pool[k]!, per], 4 * k)
   const stop = new SharedArrayBuffer(4)
-  const writer = new Worker(
-    `const { parentPort, workerData: { buffer, at, stop } } = require('node:worker_threads')
-    const b = new Uint8Array(buffer), flag = new Int32Array(stop), pause = new Int32Array(new SharedArrayBuffer(4))
-    const orig = b[at]
-    let writes = 0, lost = 0
-    parentPort.postMessage('ready')
-    while (Atomics.load(flag, 0) === 0) {
-      Atomics.wait(pause, 0, 0, (writes % 4) / 2) // 0 to 1.5 ms: land at different moments of the merges
-      const v = (orig + 1 + (writes % 250)) & 0xff
-      b[at] = v
-      const until = performance.now() + 2
-      while (performance.now() < until) if (b[at] !== v) { lost++; break }
-      b[at] = orig
-      writes++
-    }
-    parentPort.postMessage({ writes, lost })`,
-    { eval: true, workerData: { buffer: b.buffer, at: (pages - 100) * 4096 + 100, stop } },
-  )
+  const writer = new Worker(byteRacer(), { eval: true, workerData: { buffer: b.buffer, at: (pages - 100) * 4096 + 100, stop } })
   await once(writer, 'message') // 'ready'
   const result = once(writer, 'message') as Promise<[{ writes: number; lost: number }]>
   const id = arena.idOf(b), status = new Int32Array(n), other = new Int32Array(1)
