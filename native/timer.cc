@@ -5,6 +5,7 @@
 #include <node_api.h>
 #include <uv.h>
 
+#include <cerrno>
 #include <cmath>
 
 #include "common.h"
@@ -35,7 +36,8 @@ class Timer : public Napi::ObjectWrap<Timer> {
     napi_value name;
     if (napi_get_uv_event_loop(env, &loop) != napi_ok || napi_create_string_utf8(env, "pagemerge:scan", NAPI_AUTO_LENGTH, &name) != napi_ok ||
         napi_async_init(env, nullptr, name, &async_) != napi_ok) {
-      Napi::Error::New(env, "cannot set up the scanner's timer").ThrowAsJavaScriptException();
+      // these fail only when V8 cannot allocate the resource object or the string
+      ThrowErrno(env, ENOMEM, "napi_async_init", "cannot set up the scanner's timer");
       return;
     }
     callback_ = Napi::Persistent(info[0].As<Napi::Function>());
