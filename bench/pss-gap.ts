@@ -14,9 +14,12 @@
  * The child also says what it knows from inside: process.memoryUsage(), V8's heap spaces (main
  * isolate), the arena's counters. Usage:
  *
- *   npm run bench:pss-gap -- [--workload files|scattered|clones|sparse|volatile] [--size MiB] [--json] [--malloc] [--progress]
+ *   npm run bench:pss-gap -- [--workload files|scattered|clones|sparse|volatile] [--size MiB] [--json] [--malloc] [--progress] [--warm]
  *
  * --progress: mergeNow()'s onProgress sends the parent a message after each batch, as the bench does.
+ * --warm: a first mergeNow() of the same workload at 64 MiB, unregistered and collected before the
+ *   baseline: what is left of the gap is what this merge costs, not the runtime's first use of
+ *   the code (the JIT's compiles, the heaps of the threads that run them).
  * --malloc: also glibc's malloc_info() per arena at each checkpoint (called in the child through gdb).
  */
 import { fork, spawnSync } from 'node:child_process'
@@ -49,6 +52,12 @@ type Groups = Record<string, { pssAnon: number; pssShmem: number; vmas: number }
 
 async function child(workload: WorkloadName, bytes: number): Promise<void> {
   const engine = new Engine(resolveOptions({}))
+  if (process.env.PSS_GAP_WARM) {
+    const warm = loadWorkload(workload, 64 * MiB, (n) => engine.alloc(n, ''))
+    await engine.mergeNow()
+    for (const b of warm.buffers) engine.unregister(b)
+    warm.buffers.length = 0
+  }
   const w = loadWorkload(workload, bytes, (n) => {
     const b = engine.alloc(n, '')
     return new Uint8Array(b.buffer, 0, b.buffer.byteLength)
@@ -172,9 +181,9 @@ function mallocInfo(pid: number): MallocInfo | undefined {
   return { heaps, mmapped: Number(/<total type="mmap" count="\d+" size="(\d+)"/.exec(tail)?.[1] ?? 0) }
 }
 
-async function parent(workload: WorkloadName, sizeMiB: number, json: boolean, withMalloc: boolean, progress: boolean): Promise<void> {
+async function parent(workload: WorkloadName, sizeMiB: number, json: boolean, withMalloc: boolean, progress: boolean, warm: boolean): Promise<void> {
   // node flags given to this script apply to the child too (--v8-pool-size=1, --single-threaded: whose heaps grow)
-  const env = { ...process.env, ...(progress ? { PSS_GAP_PROGRESS: '1' } : {}) }
+  const env = { ...process.env, ...(progress ? { PSS_GAP_PROGRESS: '1' } : {}), ...(warm ? { PSS_GAP_WARM: '1' } : {}) }
   const c = fork(__filename, ['--child', workload, String(sizeMiB)], { env, execArgv: [...new Set([...process.execArgv, '--expose-gc'])] })
   const seen: Array<{ inside: Inside; groups: Groups; malloc?: MallocInfo }> = []
   await new Promise<void>((resolve, reject) => {
@@ -240,5 +249,5 @@ else {
   }
   const workload = opt('workload', 'files') as WorkloadName
   if (!WORKLOAD_NAMES.includes(workload)) throw new RangeError(`--workload must be one of ${WORKLOAD_NAMES.join(', ')}`)
-  void parent(workload, Number(opt('size', '1024')), args.includes('--json'), args.includes('--malloc'), args.includes('--progress'))
+  void parent(workload, Number(opt('size', '1024')), args.includes('--json'), args.includes('--malloc'), args.includes('--progress'), args.includes('--warm'))
 }
