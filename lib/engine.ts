@@ -729,7 +729,7 @@ export class Engine {
    * noticed within the first full scan that starts after it.
    */
   private survey({ shards, held, buffers }: Batch): void {
-    const { flags, words } = this.pages
+    const { flags } = this.pages
     const reap = this.lists.reap.clear() // [id, first page, pages] of the windows holding merged pages
     const which = this.lists.reapShards.clear() // and their shards' indexes in the batch
     for (let i = 0; i < shards.length; i++) {
@@ -738,13 +738,12 @@ export class Engine {
       const from = Math.ceil(sh.firstPage / SURVEY_PAGES) * SURVEY_PAGES
       const to = Math.min(Math.ceil((sh.firstPage + sh.count) / SURVEY_PAGES) * SURVEY_PAGES, r.pages)
       if (from >= to) continue
-      let any = 0
-      for (let s = r.slot + from; s < r.slot + to; s++) any |= flags[s]!
+      const any = flagsOf(flags, r.slot + from, r.slot + to)
       if (any & Flag.MERGED) reap.push3(r.id, from, to - from), which.push(i)
       if (any & Flag.ZERO) {
         const entries = new BigUint64Array(to - from)
         this.native.pagemap(buffers[i]!, from, to - from, entries)
-        for (let k = 0, s = r.slot + from; k < to - from; k++, s++) if (flags[s]! & Flag.ZERO && entries[k]! >> 62n !== 0n) flags[s] = flags[s]! | Flag.TOUCHED
+        markTouched(flags, r.slot + from, entries)
       }
     }
     if (which.length === 0) return
@@ -753,14 +752,20 @@ export class Engine {
     if (this.arena.reapWritten(reap.view(), counts) === 0) return
     for (let j = 0; j < which.length; j++) {
       if (counts[j] === 0) continue
-      const i = which.data[j]!, r = held[i]!, from = reap.data[3 * j + 1]!, count = reap.data[3 * j + 2]!
+      const i = which.data[j]!, from = reap.data[3 * j + 1]!, count = reap.data[3 * j + 2]!
       const states = new Uint8Array(count), pools = new Uint32Array(count)
       this.arena.pageStates(buffers[i]!, from, count, states, pools)
-      for (let k = 0, s = r.slot + from; k < count; k++, s++) {
-        if (flags[s]! & Flag.MERGED && states[k] === PageState.WRITTEN) {
-          this.dropSharer(words[2 * s]!)
-          flags[s] = flags[s]! & ~(Flag.MERGED | Flag.OWNER | Flag.HASHED) // hashed afresh, as a new page
-        }
+      this.unmergeWritten(held[i]!.slot + from, states)
+    }
+  }
+
+  /** Merged pages from `slot` on whose state is WRITTEN (a private copy now) leave their stable page. */
+  private unmergeWritten(slot: number, states: Uint8Array): void {
+    const { flags, words } = this.pages
+    for (let k = 0, s = slot; k < states.length; k++, s++) {
+      if (flags[s]! & Flag.MERGED && states[k] === PageState.WRITTEN) {
+        this.dropSharer(words[2 * s]!)
+        flags[s] = flags[s]! & ~(Flag.MERGED | Flag.OWNER | Flag.HASHED) // hashed afresh, as a new page
       }
     }
   }
@@ -816,63 +821,14 @@ export class Engine {
 
   /** Decides, page by page, what each page of the batch becomes; then carries it out. */
   private process({ shards, held, candidates }: Batch, mergeNow: boolean): void {
-    const { words, flags } = this.pages
-    const { plan, planNode, zero } = this
-    const st = this.stable
-    const useZero = this.options.useZeroPages
     const owners = this.lists.owners.clear()
-    // Unstable entries that can no longer pair: merged (their words hold a node), pending, dropped;
-    // and a slot that is not HASHED belongs to no page now (its buffer was collected, the slot freed).
-    const busy = Flag.MERGED | Flag.PENDING | Flag.ZERO
     for (let i = 0; i < shards.length; i++) {
       const sh = shards[i]!, r = held[i]!
-      plan.fill(Plan.NONE, sh.batchIndex, sh.batchIndex + sh.count)
+      this.plan.fill(Plan.NONE, sh.batchIndex, sh.batchIndex + sh.count)
       if (this.byId.get(r.id) !== r) continue // unregistered while its pages were being hashed
       this.c.pagesScanned += sh.count
       this.c.inScan += sh.count
-      const zeroLo = (zero.lo ^ sh.mixLo) >>> 0, zeroHi = (zero.hi ^ sh.mixHi) >>> 0
-      for (let k = 0; k < sh.count; k++) {
-        const s = sh.slot + k, bi = sh.batchIndex + k
-        const f = flags[s]!
-        if (f & Flag.MERGED) continue
-        if (f & Flag.ZERO) {
-          if (!(f & Flag.TOUCHED)) continue // still given back: not read, not hashed
-          flags[s] = f & ~(Flag.ZERO | Flag.TOUCHED) // read or written since: a page like any other
-          this.c.zeroPages--
-        }
-        const lo = words[2 * s]!, hi = words[2 * s + 1]!
-        if (useZero && lo === zeroLo && hi === zeroHi) {
-          plan[bi] = Plan.ZERO
-          continue
-        }
-        if (!mergeNow && f & (Flag.CHANGED | Flag.NEW)) {
-          if (f & Flag.CHANGED) this.c.volatile++
-          continue
-        }
-        // The stable index first (the worker's answer, or this batch's new stable pages) ...
-        let head = candidates[bi]!
-        // the worker may have searched while this thread changed the table: trust only a live match
-        if (head < 0 || st.sharers[head] === 0 || st.keyLo[head] !== lo || st.keyHi[head] !== hi) head = st.find(lo, hi)
-        let node = head >= 0 ? this.roomIn(head) : -1
-        if (node < 0) {
-          // ... then the unstable one: two unmerged pages meet, and the earlier one's memory
-          // becomes a new stable page (a dup in its content's chain when the others are full).
-          const other = this.unstable.findOrInsert(s, flags, Flag.HASHED, busy)
-          if (other < 0) continue
-          node = st.create(lo, hi, NO_POOL)
-          st.insert(node, head)
-          st.sharers[node] = 1
-          this.sharersTotal++
-          words[2 * other] = node
-          words[2 * other + 1] = 0
-          flags[other] = flags[other]! | Flag.PENDING
-          owners.push(other)
-        }
-        st.sharers[node]!++ // counted now so that maxPageSharing holds within the batch
-        this.sharersTotal++
-        plan[bi] = Plan.STABLE
-        planNode[bi] = node
-      }
+      this.planShard(sh, candidates, owners, mergeNow)
     }
     this.applyZero(shards, held)
     this.applyStable(owners, shards, held)
@@ -881,30 +837,99 @@ export class Engine {
     if (failure) throw failure
   }
 
+  // The loops over a batch's pages or extents are methods of their own with nothing after the
+  // loop (see workers/hash.ts: V8 optimizes a long loop while it runs, and code after it that had
+  // never run would throw that code away at once, to be compiled again).
+
+  /** Plans each page of a shard: dropped as zero, onto a stable page, or left as it is. */
+  private planShard(sh: Shard, candidates: Int32Array, owners: U32List, mergeNow: boolean): void {
+    const { words, flags } = this.pages
+    const { plan, planNode, zero } = this
+    const st = this.stable
+    const useZero = this.options.useZeroPages
+    // Unstable entries that can no longer pair: merged (their words hold a node), pending, dropped;
+    // and a slot that is not HASHED belongs to no page now (its buffer was collected, the slot freed).
+    const busy = Flag.MERGED | Flag.PENDING | Flag.ZERO
+    const zeroLo = (zero.lo ^ sh.mixLo) >>> 0, zeroHi = (zero.hi ^ sh.mixHi) >>> 0
+    for (let k = 0; k < sh.count; k++) {
+      const s = sh.slot + k, bi = sh.batchIndex + k
+      const f = flags[s]!
+      if (f & Flag.MERGED) continue
+      if (f & Flag.ZERO) {
+        if (!(f & Flag.TOUCHED)) continue // still given back: not read, not hashed
+        flags[s] = f & ~(Flag.ZERO | Flag.TOUCHED) // read or written since: a page like any other
+        this.c.zeroPages--
+      }
+      const lo = words[2 * s]!, hi = words[2 * s + 1]!
+      if (useZero && lo === zeroLo && hi === zeroHi) {
+        plan[bi] = Plan.ZERO
+        continue
+      }
+      if (!mergeNow && f & (Flag.CHANGED | Flag.NEW)) {
+        if (f & Flag.CHANGED) this.c.volatile++
+        continue
+      }
+      // The stable index first (the worker's answer, or this batch's new stable pages) ...
+      let head = candidates[bi]!
+      // the worker may have searched while this thread changed the table: trust only a live match
+      if (head < 0 || st.sharers[head] === 0 || st.keyLo[head] !== lo || st.keyHi[head] !== hi) head = st.find(lo, hi)
+      let node = head >= 0 ? this.roomIn(head) : -1
+      if (node < 0) {
+        // ... then the unstable one: two unmerged pages meet, and the earlier one's memory
+        // becomes a new stable page (a dup in its content's chain when the others are full).
+        const other = this.unstable.findOrInsert(s, flags, Flag.HASHED, busy)
+        if (other < 0) continue
+        node = st.create(lo, hi, NO_POOL)
+        st.insert(node, head)
+        st.sharers[node] = 1
+        this.sharersTotal++
+        words[2 * other] = node
+        words[2 * other + 1] = 0
+        flags[other] = flags[other]! | Flag.PENDING
+        owners.push(other)
+      }
+      st.sharers[node]!++ // counted now so that maxPageSharing holds within the batch
+      this.sharersTotal++
+      plan[bi] = Plan.STABLE
+      planNode[bi] = node
+    }
+  }
+
   private applyZero(shards: Shard[], held: Region[]): void {
     const ext = this.lists.zero.clear() // [id, page, count, first slot]
-    for (let i = 0; i < shards.length; i++) {
-      const sh = shards[i]!
-      for (let k = 0; k < sh.count; ) {
-        if (this.plan[sh.batchIndex + k] !== Plan.ZERO) {
-          k++
-          continue
-        }
-        let end = k
-        while (end < sh.count && end - k < MAX_EXTENT_PAGES && this.plan[sh.batchIndex + end] === Plan.ZERO) end++
-        ext.push4(held[i]!.id, sh.firstPage + k, end - k, sh.slot + k)
-        k = end
-      }
-    }
+    for (let i = 0; i < shards.length; i++) this.zeroRuns(shards[i]!, held[i]!.id, ext)
     const status = this.callBridge('dropZero', ext, 4, 3, 2)
+    const dropped = this.markZero(status, ext)
+    this.c.zeroPages += dropped
+    this.c.mergedThisScan += dropped
+  }
+
+  /** The shard's runs of pages planned as zero, as extents [id, page, count, first slot]. */
+  private zeroRuns(sh: Shard, id: number, ext: U32List): void {
+    const plan = this.plan
+    for (let k = 0; k < sh.count; ) {
+      if (plan[sh.batchIndex + k] !== Plan.ZERO) {
+        k++
+        continue
+      }
+      let end = k
+      while (end < sh.count && end - k < MAX_EXTENT_PAGES && plan[sh.batchIndex + end] === Plan.ZERO) end++
+      ext.push4(id, sh.firstPage + k, end - k, sh.slot + k)
+      k = end
+    }
+  }
+
+  /** Flags the pages of the extents dropped; returns how many. */
+  private markZero(status: Int32Array, ext: U32List): number {
     const e = ext.data, flags = this.pages.flags
+    let dropped = 0
     for (let i = 0; i < status.length; i++) {
       if (status[i] !== Status.OK) continue
       const first = e[4 * i + 3]!, count = e[4 * i + 2]!
       for (let s = first; s < first + count; s++) flags[s] = (flags[s]! | Flag.ZERO) & ~Flag.OWNER
-      this.c.zeroPages += count
-      this.c.mergedThisScan += count
+      dropped += count
     }
+    return dropped
   }
 
   /**
@@ -914,10 +939,36 @@ export class Engine {
    * planned first and each run made only if the merges onto it fit the mapping budget too.
    */
   private applyStable(ownerList: U32List, shards: Shard[], held: Region[]): void {
-    const { flags, words } = this.pages
-    const pool = this.stable.pool
     const owners = ownerList.view().sort()
-    const runList = this.lists.runs.clear() // [id, page, count, follow, first slot, first provisional number]
+    const runList = this.ownerRuns(owners) // [id, page, count, follow, first slot, first provisional number]
+    const runs = runList.view()
+    const mergeList = this.planMerges(shards, held) // [id, page, pool, count, slot, batch index]
+    const merges = mergeList.view()
+    countFollowers(runs, merges)
+    // A run the budget refuses costs the pages that would have merged onto it, counted below, not its own.
+    const status = this.callBridge('stabilize', runList, 6, 4, undefined)
+    this.settleRuns(status, runs)
+    this.clearPending(owners) // owners whose region went away before the run was made
+    // Provisional numbers become pool pages; merges onto a run that was not made are dropped. The
+    // merges onto new runs go first: their room in the budget was kept by stabilize().
+    // onNew reuses the merges' own list, written behind where it is read (never ahead of it)
+    const onNew = mergeList, onOld = this.lists.onOld.clear()
+    onNew.length = this.placeMerges(merges, runs, status, onOld)
+    onNew.append(onOld)
+    this.dropRunsNotMade(status, runs) // before the merges' call reuses the status array
+    this.applyMerges(onNew)
+    this.dropOrphans(owners)
+  }
+
+  /**
+   * The owners' runs of consecutive pages (at most MAX_EXTENT_PAGES, within a region), as
+   * records [id, page, count, follow, first slot, first provisional number]; each owner's node
+   * gets its provisional pool number.
+   */
+  private ownerRuns(owners: Uint32Array): U32List {
+    const { words } = this.pages
+    const pool = this.stable.pool
+    const runList = this.lists.runs.clear()
     let next = 0
     for (let i = 0; i < owners.length; ) {
       const r = this.regionOfSlot(owners[i]!)
@@ -930,12 +981,13 @@ export class Engine {
       }
       i = j
     }
-    const runs = runList.view()
-    const mergeList = this.planMerges(shards, held) // [id, page, pool, count, slot, batch index]
-    const merges = mergeList.view()
-    for (let m = 0; m < merges.length; m += 6) if (merges[m + 2]! & PROVISIONAL) runs[runOf(runs, merges[m + 2]!) * 6 + 3]!++
-    // A run the budget refuses costs the pages that would have merged onto it, counted below, not its own.
-    const status = this.callBridge('stabilize', runList, 6, 4, undefined)
+    return runList
+  }
+
+  /** Each run's pages: made stable (their nodes get pool pages) or, if the run was not made, hashed afresh next time. */
+  private settleRuns(status: Int32Array, runs: Uint32Array): void {
+    const { flags, words } = this.pages
+    const pool = this.stable.pool
     const outPool = this.scratch.outPool // first pool page of each run made
     for (let n = 0; n < status.length; n++) {
       const ok = status[n] === Status.OK, first = runs[6 * n + 4]!, count = runs[6 * n + 2]!
@@ -951,12 +1003,23 @@ export class Engine {
         }
       }
     }
-    for (const s of owners) // owners whose region went away before the run was made
+  }
+
+  private clearPending(owners: Uint32Array): void {
+    const flags = this.pages.flags
+    for (let i = 0; i < owners.length; i++) {
+      const s = owners[i]!
       if (flags[s]! & Flag.PENDING) flags[s] = flags[s]! & ~(Flag.PENDING | Flag.HASHED)
-    // Provisional numbers become pool pages; merges onto a run that was not made are dropped. The
-    // merges onto new runs go first: their room in the budget was kept by stabilize().
-    // onNew reuses the merges' own list, written behind where it is read (never ahead of it)
-    const onNew = mergeList, onOld = this.lists.onOld.clear()
+    }
+  }
+
+  /**
+   * Rewrites the merges onto new runs in place, at the front, with their pool pages; moves the
+   * merges onto older stable pages to `onOld`; drops the merges onto runs not made. Returns the
+   * length the front now has.
+   */
+  private placeMerges(merges: Uint32Array, runs: Uint32Array, status: Int32Array, onOld: U32List): number {
+    const outPool = this.scratch.outPool
     let written = 0
     for (let m = 0; m < merges.length; m += 6) {
       const first = merges[m + 2]!, count = merges[m + 3]!
@@ -974,47 +1037,61 @@ export class Engine {
       merges[written + 2] = outPool[n]! + ((first & ~PROVISIONAL) - runs[n * 6 + 5]!)
       written += 6
     }
-    onNew.length = written
-    onNew.append(onOld)
-    // owners of runs not made (before the merges' call reuses the status array)
+    return written
+  }
+
+  /** The owners of runs that were not made no longer share their node. */
+  private dropRunsNotMade(status: Int32Array, runs: Uint32Array): void {
+    const words = this.pages.words
     for (let n = 0; n < status.length; n++) if (status[n] !== Status.OK) for (let k = 0; k < runs[6 * n + 2]!; k++) this.dropSharer(words[2 * (runs[6 * n + 4]! + k)]!)
-    this.applyMerges(onNew)
-    for (const s of owners) if (!this.regionOfSlot(s)) this.dropSharer(words[2 * s]!)
+  }
+
+  /** Owners whose region went away meanwhile no longer share their node. */
+  private dropOrphans(owners: Uint32Array): void {
+    const words = this.pages.words
+    for (let i = 0; i < owners.length; i++) if (!this.regionOfSlot(owners[i]!)) this.dropSharer(words[2 * owners[i]!]!)
   }
 
   /** The merge extents of the batch's planned pages: runs of pages planned onto consecutive pool pages. */
   private planMerges(shards: Shard[], held: Region[]): U32List {
-    const { plan, planNode } = this
-    const pool = this.stable.pool
     const ext = this.lists.merges.clear()
-    for (let i = 0; i < shards.length; i++) {
-      const sh = shards[i]!, r = held[i]!
-      for (let k = 0; k < sh.count; ) {
-        const bi = sh.batchIndex + k
-        if (plan[bi] !== Plan.STABLE) {
-          k++
-          continue
-        }
-        const first = pool[planNode[bi]!]!
-        if (first === NO_POOL) {
-          this.dropSharer(planNode[bi]!) // its stable page could not be made
-          k++
-          continue
-        }
-        let end = k + 1
-        while (end < sh.count && end - k < MAX_EXTENT_PAGES && plan[sh.batchIndex + end] === Plan.STABLE && pool[planNode[sh.batchIndex + end]!] === first + (end - k)) end++
-        ext.push6(r.id, sh.firstPage + k, first, end - k, sh.slot + k, bi)
-        k = end
-      }
-    }
+    for (let i = 0; i < shards.length; i++) this.mergeRuns(shards[i]!, held[i]!.id, ext)
     return ext
   }
 
+  /** The shard's part of planMerges(): extents [id, page, pool, count, slot, batch index]. */
+  private mergeRuns(sh: Shard, id: number, ext: U32List): void {
+    const { plan, planNode } = this
+    const pool = this.stable.pool
+    for (let k = 0; k < sh.count; ) {
+      const bi = sh.batchIndex + k
+      if (plan[bi] !== Plan.STABLE) {
+        k++
+        continue
+      }
+      const first = pool[planNode[bi]!]!
+      if (first === NO_POOL) {
+        this.dropSharer(planNode[bi]!) // its stable page could not be made
+        k++
+        continue
+      }
+      let end = k + 1
+      while (end < sh.count && end - k < MAX_EXTENT_PAGES && plan[sh.batchIndex + end] === Plan.STABLE && pool[planNode[sh.batchIndex + end]!] === first + (end - k)) end++
+      ext.push6(id, sh.firstPage + k, first, end - k, sh.slot + k, bi)
+      k = end
+    }
+  }
+
   private applyMerges(ext: U32List): void {
+    const status = this.callBridge('merge', ext, 6, 4, 3) // records [id, page, pool, count, slot, batch index]
+    this.c.mergedThisScan += this.markMerged(status, ext.data)
+  }
+
+  /** Maps the pages of the extents merged onto their nodes; the others no longer share them. Returns the pages merged. */
+  private markMerged(status: Int32Array, e: Uint32Array): number {
     const { planNode } = this
     const { flags, words } = this.pages
-    const status = this.callBridge('merge', ext, 6, 4, 3) // records [id, page, pool, count, slot, batch index]
-    const e = ext.data
+    let merged = 0
     for (let i = 0; i < status.length; i++) {
       const ok = status[i] === Status.OK, count = e[6 * i + 3]!, slot = e[6 * i + 4]!, at = e[6 * i + 5]!
       for (let k = 0; k < count; k++) {
@@ -1027,8 +1104,9 @@ export class Engine {
         words[2 * s] = node
         words[2 * s + 1] = 0
       }
-      if (ok) this.c.mergedThisScan += count
+      if (ok) merged += count
     }
+    return merged
   }
 
   /**
@@ -1049,17 +1127,16 @@ export class Engine {
     const status = scratch.status.subarray(0, n)
     if (n === 0) return status
     const extents = scratch.extents.subarray(0, n * nativeStride)
-    for (let i = 0; i < n; i++) for (let k = 0; k < nativeStride; k++) extents[i * nativeStride + k] = records[i * stride + k]!
+    pack(records, extents, n, stride, nativeStride)
     status.fill(0)
     const budget = this.options.mapBudget
     if (op === 'dropZero') this.arena.dropZero(extents, status, budget)
     else if (op === 'stabilize') this.arena.stabilize(extents, status, budget, scratch.outPool.subarray(0, n))
     else this.arena.merge(extents, status, budget)
-    for (let i = 0; i < n; i++) {
-      if (status[i] === Status.BUDGET && countAt !== undefined) this.c.skipped += records[i * stride + countAt]!
-      // -errno: the batch is finished (its bookkeeping follows what was done), then process() throws
-      if (status[i]! < 0) this.bridgeError ??= systemError(status[i]!, op, `the bridge could not ${op === 'dropZero' ? 'drop zero pages' : op === 'stabilize' ? 'make stable pages' : 'merge pages'}; what was merged before stays merged`)
-    }
+    if (countAt !== undefined) this.c.skipped += skippedPages(status, records, stride, countAt)
+    // -errno: the batch is finished (its bookkeeping follows what was done), then process() throws
+    const failed = firstFailure(status)
+    if (failed < 0) this.bridgeError ??= systemError(failed, op, `the bridge could not ${op === 'dropZero' ? 'drop zero pages' : op === 'stabilize' ? 'make stable pages' : 'merge pages'}; what was merged before stays merged`)
     return status
   }
 
@@ -1199,6 +1276,41 @@ export class Engine {
 }
 
 /** The run (records of 6: [..., first provisional number]) holding a provisional pool number: a binary search. */
+/** The flags of slots [from, to), ORed. */
+function flagsOf(flags: Uint8Array, from: number, to: number): number {
+  let any = 0
+  for (let s = from; s < to; s++) any |= flags[s]!
+  return any
+}
+
+/** Dropped zero pages from `slot` on that pagemap shows present again (read or written) are marked TOUCHED. */
+function markTouched(flags: Uint8Array, slot: number, entries: BigUint64Array): void {
+  for (let k = 0, s = slot; k < entries.length; k++, s++) if (flags[s]! & Flag.ZERO && entries[k]! >> 62n !== 0n) flags[s] = flags[s]! | Flag.TOUCHED
+}
+
+/** Copies the first `nativeStride` numbers of each of `n` records of `stride` numbers into `extents`. */
+function pack(records: Uint32Array, extents: Uint32Array, n: number, stride: number, nativeStride: number): void {
+  for (let i = 0; i < n; i++) for (let k = 0; k < nativeStride; k++) extents[i * nativeStride + k] = records[i * stride + k]!
+}
+
+/** The pages of the extents that the mapping budget refused. */
+function skippedPages(status: Int32Array, records: Uint32Array, stride: number, countAt: number): number {
+  let pages = 0
+  for (let i = 0; i < status.length; i++) if (status[i] === Status.BUDGET) pages += records[i * stride + countAt]!
+  return pages
+}
+
+/** The first -errno among the statuses, or 0. */
+function firstFailure(status: Int32Array): number {
+  for (let i = 0; i < status.length; i++) if (status[i]! < 0) return status[i]!
+  return 0
+}
+
+/** Counts, in each run's record, the merges planned onto it (its `follow`). */
+function countFollowers(runs: Uint32Array, merges: Uint32Array): void {
+  for (let m = 0; m < merges.length; m += 6) if (merges[m + 2]! & PROVISIONAL) runs[runOf(runs, merges[m + 2]!) * 6 + 3]!++
+}
+
 function runOf(runs: Uint32Array, provisional: number): number {
   const at = provisional & ~PROVISIONAL
   let lo = 0, hi = runs.length / 6 - 1

@@ -45,42 +45,76 @@ export default function hash(task: HashTask): HashResult {
     const o = r * SHARD_FIELDS
     const address = shards[o]!, firstPage = shards[o + 1]!, count = shards[o + 2]!, slot = shards[o + 3]!
     const batchIndex = shards[o + 4]!, mixLo = shards[o + 5]!, mixHi = shards[o + 6]!
-    // Every operation below runs for every batch of every scan, so that the loop, optimized in a
-    // first scan (nothing merged, no stable page yet), is not thrown away and compiled again when
-    // a later scan takes a path the first never took.
     candidates.fill(-1, batchIndex, batchIndex + count) // the answer for pages not hashed
-    for (let i = 0, end = 0; i < count; i = end + 1) {
-      end = i // each maximal run of pages to hash (up to a page to skip, or the end), in one native call
-      while (end < count && !skip(flags[slot + end]!)) end++
-      if (end === i) continue
-      if (previous.length < 2 * (end - i)) previous = new Int32Array(2 * (end - i))
-      const old = previous
-      for (let k = 0, from = 2 * (slot + i); k < 2 * (end - i); k++) old[k] = words[from + k]! // no subarray object per run
-      native.hashAt(address, firstPage + i, end - i, hashes, slot + i)
-      hashed += end - i
-      for (let k = i; k < end; k++) {
-        const s = slot + k, was = 2 * (k - i)
-        const lo = words[2 * s]! ^ mixLo, hi = words[2 * s + 1]! ^ mixHi
-        words[2 * s] = lo
-        words[2 * s + 1] = hi
-        const f = flags[s]!
-        const changed = ((old[was]! ^ lo) | (old[was + 1]! ^ hi)) !== 0 // since one scan ago
-        flags[s] = (f & ~(CHANGED | NEW)) | HASHED | ((f & HASHED) === 0 ? NEW : changed ? CHANGED : 0)
-        let found = -1
-        for (let p = probeStart(lo, secret, bits); ; ) {
-          const n = table[p]! - 1 // the entry's node, or -1 for an empty slot
-          const node = n & ~(n >> 31) // node 0 in place of -1: read, not used
-          const other = ((nodeLo[node]! ^ lo) | (nodeHi[node]! ^ hi)) !== 0
-          const next = (p + 1) & mask // computed on every page, though needed only after a collision
-          if (n < 0 || !other) {
-            found = n
-            break
-          }
-          p = next
-        }
-        candidates[batchIndex + k] = found
-      }
+    for (let i = skipped(flags, slot, count); i < count; ) {
+      const n = toHash(flags, slot + i, count - i) // each maximal run of pages to hash, in one native call
+      if (previous.length < 2 * n) previous = new Int32Array(2 * n)
+      saveKeys(words, previous, 2 * (slot + i), 2 * n)
+      native.hashAt(address, firstPage + i, n, hashes, slot + i)
+      settle(words, flags, previous, candidates, table, nodeLo, nodeHi, slot + i, batchIndex + i, n, mixLo, mixHi, secret, bits, mask)
+      hashed += n
+      i += n
+      i += skipped(flags, slot + i, count - i)
     }
   }
   return { hashed }
+}
+
+// The loops over pages are leaf functions that return a number: V8 optimizes a long loop while
+// it runs (on-stack replacement), before the code after it has ever run; code after the loop in
+// the same function would then have no type feedback, and the first time it ran it would throw
+// the optimized code away, to be compiled again (--trace-deopt: hash() was compiled 5 times in a
+// process's first mergeNow(), 3 of them thrown away at code after a loop).
+
+/** How many pages from `slot` on, at most `most`, are to be hashed before one to skip. */
+function toHash(flags: Uint8Array, slot: number, most: number): number {
+  let n = 0
+  while (n < most && !skip(flags[slot + n]!)) n++
+  return n
+}
+
+/** How many pages from `slot` on, at most `most`, are to be skipped before one to hash. */
+function skipped(flags: Uint8Array, slot: number, most: number): number {
+  let n = 0
+  while (n < most && skip(flags[slot + n]!)) n++
+  return n
+}
+
+/** Copies `count` key words from `from` into `old` (no subarray object per run). */
+function saveKeys(words: Int32Array, old: Int32Array, from: number, count: number): number {
+  for (let k = 0; k < count; k++) old[k] = words[from + k]!
+  return count
+}
+
+/**
+ * Mixes the domain into the new keys of `count` pages from `slot`, flags each page new, changed
+ * or not since one scan ago (`old`), and looks each one up in the stable table. Every operation
+ * runs for every page of every scan, so that the loop, optimized in a first scan (nothing
+ * merged, no stable page yet), is not thrown away when a later scan takes a path the first
+ * never took.
+ */
+function settle(words: Int32Array, flags: Uint8Array, old: Int32Array, candidates: Int32Array, table: Int32Array, nodeLo: Int32Array, nodeHi: Int32Array, slot: number, batchIndex: number, count: number, mixLo: number, mixHi: number, secret: number, bits: number, mask: number): number {
+  for (let k = 0; k < count; k++) {
+    const s = slot + k
+    const lo = words[2 * s]! ^ mixLo, hi = words[2 * s + 1]! ^ mixHi
+    words[2 * s] = lo
+    words[2 * s + 1] = hi
+    const f = flags[s]!
+    const changed = ((old[2 * k]! ^ lo) | (old[2 * k + 1]! ^ hi)) !== 0 // since one scan ago
+    flags[s] = (f & ~(CHANGED | NEW)) | HASHED | ((f & HASHED) === 0 ? NEW : changed ? CHANGED : 0)
+    let found = -1
+    for (let p = probeStart(lo, secret, bits); ; ) {
+      const n = table[p]! - 1 // the entry's node, or -1 for an empty slot
+      const node = n & ~(n >> 31) // node 0 in place of -1: read, not used
+      const other = ((nodeLo[node]! ^ lo) | (nodeHi[node]! ^ hi)) !== 0
+      const next = (p + 1) & mask // computed on every page, though needed only after a collision
+      if (n < 0 || !other) {
+        found = n
+        break
+      }
+      p = next
+    }
+    candidates[batchIndex + k] = found
+  }
+  return count
 }
