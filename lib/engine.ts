@@ -375,6 +375,10 @@ export class Engine {
       this.pages.grow(cap)
       this.unstable.words = this.pages.words
     }
+    // The new pages' state is written now, so that the OS counts it from registration on (9 bytes
+    // a page, in mappings of their own) rather than as growth in the middle of the first scan.
+    this.pages.words.fill(0, 2 * start, 2 * this.slotTop)
+    this.pages.flags.fill(0, start, this.slotTop)
     return start
   }
 
