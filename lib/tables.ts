@@ -61,14 +61,21 @@ abstract class Table {
     return probeStart(this.lo(index), this.secret, this.bits)
   }
 
-  /** The first entry with this key that `accept`s, or -1. */
-  protected lookup(lo: number, hi: number, accept?: (index: number) => boolean): number {
+  /**
+   * The first entry with this key, or -1. Both words are compared at every probe, an empty slot's
+   * against entry 0 (read, not used): code that V8 optimized before the first hit would
+   * otherwise lack feedback for the comparison, and be thrown away at the first hit.
+   */
+  protected lookup(lo: number, hi: number): number {
     const mask = this.table.length - 1
-    for (let p = probeStart(lo, this.secret, this.bits); ; p = (p + 1) & mask) {
-      const e = this.table[p]!
-      if (e === EMPTY) return -1
-      const i = e - 1
-      if (this.lo(i) === lo && this.hi(i) === hi && (!accept || accept(i))) return i
+    for (let p = probeStart(lo, this.secret, this.bits); ; ) {
+      const i = this.table[p]! - 1 // EMPTY is 0
+      const k = i & ~(i >> 31)
+      const same = ((this.lo(k) ^ lo) | (this.hi(k) ^ hi)) === 0
+      const next = (p + 1) & mask // likewise, though needed only after a collision
+      if (i < 0) return -1
+      if (same) return i
+      p = next
     }
   }
 
@@ -270,11 +277,17 @@ export class UnstableTable extends Table {
     const { words, table } = this
     const lo = words[2 * slot]!, hi = words[2 * slot + 1]!
     const mask = table.length - 1
-    for (let p = this.home(slot); ; p = (p + 1) & mask) {
-      const e = table[p]!
-      if (e === EMPTY) break
-      const o = e - 1
-      if (words[2 * o] === lo && words[2 * o + 1] === hi && o !== slot && (flags[o]! & (busy | need)) === need) return o
+    for (let p = this.home(slot); ; ) {
+      const o = table[p]! - 1 // EMPTY is 0
+      // every test on every probe, an empty slot's against slot 0 (as lookup() does, and why)
+      const k = o & ~(o >> 31)
+      const same = ((words[2 * k]! ^ lo) | (words[2 * k + 1]! ^ hi)) === 0
+      const free = (flags[k]! & (busy | need)) === need
+      const self = k === slot
+      const next = (p + 1) & mask
+      if (o < 0) break
+      if (same && free && !self) return o
+      p = next
     }
     this.put(slot)
     return -1
