@@ -99,9 +99,14 @@ class RefTable {
 // memory is back and a failure is counted, as if punched in line. Punching needs neither the
 // arena's state nor the process's mmap lock, only the file (whose inode lock serialises punches:
 // one helper is as fast as more). If no thread can be started, runs are punched in line.
+//
+// The helper also drops checked private anonymous extents (AddDrop, see DropZero): MADV_DONTNEED,
+// then the end of their write protection, so that the next extent is checked meanwhile. Such an
+// extent stays protected until it is dropped, so at most kMaxDropPages of them wait at a time:
+// that bounds how much longer a writer waits than with the drop in line.
 class Reclaimer {
  public:
-  Reclaimer(int fd, uint64_t* failures) : fd_(fd), failures_(failures) {}
+  Reclaimer(int fd, uint64_t* failures, WriteProtector* wp = nullptr) : fd_(fd), failures_(failures), wp_(wp) {}
   ~Reclaimer() { Join(); }
   Reclaimer(const Reclaimer&) = delete;
   Reclaimer& operator=(const Reclaimer&) = delete;
@@ -112,11 +117,11 @@ class Reclaimer {
     if (running_) {
       {
         std::lock_guard<std::mutex> g(mu_);
-        if (next_ < runs_.size() && runs_.back().first + runs_.back().second == page) {  // not taken yet: one punch
-          runs_.back().second += count;
+        if (next_ < jobs_.size() && Continues(jobs_.back(), page)) {  // not taken yet: one punch
+          jobs_.back().count += count;
           return;
         }
-        if (!Push(page, count)) return PunchHere(page, count);
+        if (!Push(Job{page, count, nullptr, 0, 0})) return PunchHere(page, count);
       }
       cv_.notify_one();
       return;
@@ -124,14 +129,67 @@ class Reclaimer {
     // No helper yet: only this thread touches the queue. It starts once a punch worth a thread
     // is waiting and the call goes on (this run is more work after it).
     const bool start = waiting_ >= kStartPages;
-    if (!runs_.empty() && runs_.back().first + runs_.back().second == page) runs_.back().second += count;
-    else if (!Push(page, count)) return PunchHere(page, count);
+    if (!jobs_.empty() && Continues(jobs_.back(), page)) jobs_.back().count += count;
+    else if (!Push(Job{page, count, nullptr, 0, 0})) return PunchHere(page, count);
     waiting_ += count;
     if (start) Start();
   }
 
-  // Waits until every run is punched (or punches them here, if no helper started); adds the
-  // failures to the count the arena reports.
+  // Drops `count` pages at `at`, all zero bytes and write-protected (on a registered range) by the
+  // caller, then ends their protection; extent `index` of the call. Its error is reported by Drops().
+  void AddDrop(uint8_t* at, uint64_t count, size_t index) {
+    Job j{0, count, at, index, 0};
+    if (running_) {
+      std::unique_lock<std::mutex> lock(mu_);
+      done_.wait(lock, [this] { return dropping_ < kMaxDropPages; });
+      if (Push(j)) {
+        dropping_ += count;
+        lock.unlock();
+        cv_.notify_one();
+        return;
+      }
+    } else if (!inLine_) {  // as a punch: it waits for more work, which starts the helper
+      const bool start = waiting_ >= kStartPages;
+      if (Push(j)) {
+        waiting_ += count;
+        if (start) Start();
+        return;
+      }
+    }
+    DropHere(j);
+    reported_.push_back(j);
+  }
+
+  // Waits until every drop handed over is done (punches may still run) and passes each one's
+  // extent index and result (0 or an errno) to `f`, once.
+  template <class F>
+  void Drops(F f) {
+    if (running_) {
+      std::unique_lock<std::mutex> lock(mu_);
+      done_.wait(lock, [this] { return dropping_ == 0; });
+      for (size_t k = dropsFrom_; k < jobs_.size(); k++)
+        if (jobs_[k].at) reported_.push_back(jobs_[k]);
+      dropsFrom_ = jobs_.size();
+    } else {  // no helper: the drops waiting are done here and leave the queue, punches stay
+      size_t keep = 0;
+      for (Job& j : jobs_) {
+        if (!j.at) {
+          jobs_[keep++] = j;
+          continue;
+        }
+        DropHere(j);
+        waiting_ -= j.count;
+        reported_.push_back(j);
+      }
+      jobs_.resize(keep);
+    }
+    for (const Job& j : reported_) f(j.index, j.err);
+    reported_.clear();
+  }
+
+  // Waits until every run is punched and every drop done (or does them here, if no helper
+  // started); adds the failures to the count the arena reports. Drops not yet reported are lost:
+  // callers with drops call Drops() first.
   void Join() {
     if (running_) {
       {
@@ -147,10 +205,14 @@ class Reclaimer {
       failed_ = 0;
       closed_ = false;
     } else {
-      for (const auto& r : runs_) PunchHere(r.first, r.second);
+      for (Job& j : jobs_)
+        if (!j.at) PunchHere(j.first, j.count);
+        else DropHere(j);
     }
-    runs_.clear();
+    jobs_.clear();
+    reported_.clear();
     next_ = 0;
+    dropsFrom_ = 0;
     waiting_ = 0;
   }
 
@@ -162,14 +224,33 @@ class Reclaimer {
  private:
   // A helper costs 50-130 us to start and join here; punching 2 MiB costs ~0.2 ms.
   static constexpr uint64_t kStartPages = 512;
+  // Protected pages waiting for the helper's drop at most (two extents of the coordinator's): a
+  // writer on one waits for at most one other extent's drop (~0.15 ms here) more than in line.
+  static constexpr uint64_t kMaxDropPages = 1024;
+
+  // A punch of file pages [first, first + count), or (at != null) a drop of count pages at `at`.
+  struct Job {
+    uint64_t first, count;
+    uint8_t* at;
+    size_t index;  // the drop's extent in the call
+    int err;       // the drop's result: 0 or an errno
+  };
+
+  static bool Continues(const Job& j, uint64_t page) { return !j.at && j.first + j.count == page; }
 
   void PunchHere(uint64_t page, uint64_t count) {
     if (!Punch(fd_, page, count)) (*failures_)++;  // memory not returned, bytes unharmed: counted in stats().punchFailures
   }
 
-  bool Push(uint64_t page, uint64_t count) {
+  void DropHere(Job& j) {
+    const size_t len = j.count * kPage;
+    j.err = madvise(j.at, len, MADV_DONTNEED) == 0 ? 0 : errno;
+    if (wp_) wp_->Unprotect(j.at, len);  // wakes the writers, who now write into fresh pages
+  }
+
+  bool Push(const Job& j) {
     try {
-      runs_.emplace_back(page, count);
+      jobs_.push_back(j);
       return true;
     } catch (const std::bad_alloc&) {
       return false;
@@ -179,9 +260,11 @@ class Reclaimer {
   // Starts the helper on a small stack from the heap: a thread's own stack (and guard page) would be
   // two more mappings for the process, and the helper needs little (a lock and a system call; it
   // allocates nothing, so it gets no malloc arena either). It takes no process signal (it starts
-  // with a full mask): those stay with Node's threads. The runs waiting are its first. If it
-  // cannot start (thread limits, no memory), they and all later runs are punched in line.
+  // with a full mask): those stay with Node's threads. The jobs waiting are its first. If it
+  // cannot start (thread limits, no memory), they and all later jobs are done in line.
   void Start() {
+    for (const Job& j : jobs_)
+      if (j.at) dropping_ += j.count;
     stack_ = std::malloc(kStack);
     pthread_attr_t attr;
     if (stack_ && pthread_attr_init(&attr) == 0) {
@@ -197,8 +280,12 @@ class Reclaimer {
     std::free(stack_);
     stack_ = nullptr;
     inLine_ = true;
-    for (const auto& r : runs_) PunchHere(r.first, r.second);
-    runs_.clear();
+    dropping_ = 0;
+    for (Job& j : jobs_) {
+      if (!j.at) PunchHere(j.first, j.count);
+      else DropHere(j), reported_.push_back(j);
+    }
+    jobs_.clear();
     waiting_ = 0;
   }
 
@@ -210,30 +297,45 @@ class Reclaimer {
   void Run() {
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
-      cv_.wait(lock, [this] { return closed_ || next_ < runs_.size(); });
-      if (next_ == runs_.size()) return;  // closed, and nothing left
-      std::pair<uint64_t, uint64_t> r = runs_[next_++];
+      cv_.wait(lock, [this] { return closed_ || next_ < jobs_.size(); });
+      if (next_ == jobs_.size()) return;  // closed, and nothing left
+      const size_t k = next_++;
+      Job j = jobs_[k];
+      if (j.at)  // drops waiting end to end go in one madvise: one TLB flush (an IPI to the caller's CPU) for all
+        while (next_ < jobs_.size() && jobs_[next_].at == j.at + j.count * kPage) j.count += jobs_[next_++].count;
+      const size_t m = next_;
       lock.unlock();
-      bool ok = Punch(fd_, r.first, r.second);
+      bool ok = true;
+      if (j.at) DropHere(j);
+      else ok = Punch(fd_, j.first, j.count);
       lock.lock();
       if (!ok) failed_++;
+      if (j.at) {
+        for (size_t q = k; q < m; q++) jobs_[q].err = j.err, dropping_ -= jobs_[q].count;
+        done_.notify_one();
+      }
     }
   }
 
   int fd_;
   uint64_t* failures_;  // the arena's count: touched only by the calling thread
+  WriteProtector* wp_;  // ends a drop's protection
   static constexpr size_t kStack = 64 * 1024;  // under malloc's mmap threshold: no mapping of its own
-  bool inLine_ = false;   // the helper could not start: punch everything here
+  bool inLine_ = false;   // the helper could not start: do everything here
   bool running_ = false;
   uint64_t waiting_ = 0;  // pages queued before the helper started
   pthread_t thread_{};
   void* stack_ = nullptr;
   std::mutex mu_;
-  std::condition_variable cv_;
-  std::vector<std::pair<uint64_t, uint64_t>> runs_;  // (first file page, count); guarded by mu_ while running_
-  size_t next_ = 0;                                   // the first not taken yet, guarded by mu_
-  bool closed_ = false;                               // guarded by mu_
-  uint64_t failed_ = 0;                               // guarded by mu_ (read after the join)
+  std::condition_variable cv_;    // work for the helper
+  std::condition_variable done_;  // a drop is done
+  std::vector<Job> jobs_;         // guarded by mu_ while running_
+  size_t next_ = 0;               // the first not taken yet, guarded by mu_
+  size_t dropsFrom_ = 0;          // the first job whose drop is not reported yet (running_ only)
+  uint64_t dropping_ = 0;         // pages of drops handed over and not done, guarded by mu_
+  std::vector<Job> reported_;     // drops done and not reported yet: this thread only
+  bool closed_ = false;           // guarded by mu_
+  uint64_t failed_ = 0;           // guarded by mu_ (read after the join)
 };
 
 // Coalesces arena pages into runs and punches each run out of the file in one fallocate (or hands
@@ -1163,9 +1265,52 @@ class Arena : public Napi::ObjectWrap<Arena> {
     if (!ResolveAll(env, ex, 3, 2, &alloc)) return Napi::Value();
     uint64_t done = 0;
     // Punches the own pages of extents remapped to anonymous memory while the next ones are
-    // checked; joined before the call returns. Windows punched in place are punched in line, under
-    // their write protection: they are still mapped.
-    Reclaimer reclaim(c.fd, &c.punchFailures);
+    // checked, and drops checked private anonymous extents likewise; joined before the call
+    // returns. Windows punched in place are punched in line, under their write protection: they
+    // are still mapped.
+    Reclaimer reclaim(c.fd, &c.punchFailures, &c.wp);
+    // A run of private anonymous extents end to end in one allocation (a group) is registered for
+    // protection once; each extent is protected, checked and handed to the helper, which drops it
+    // and ends its protection while the next one is checked. The group is closed (every drop done,
+    // the range unregistered) before any other extent is touched.
+    struct {
+      Allocation* a = nullptr;
+      uint64_t first = 0, end = 0, next = 0;  // pages of `a`; next: where its next extent starts
+    } group;
+    auto closeGroup = [&] {
+      if (!group.a) return;
+      reclaim.Drops([&](size_t k, int err) {
+        const uint32_t* r = ex.rec + k * 3;
+        ex.status[k] = err ? -err : kOk;
+        if (err) return;
+        c.Retarget(*alloc[k], r[1], r[2], kNoPool, kAnon);
+        done += r[2];
+      });
+      c.wp.Unregister(group.a->base + group.first * kPage, (group.end - group.first) * kPage);
+      group.a = nullptr;
+    };
+    // Whether extent i is in the group, opening one from it if it starts one (false: the extent
+    // goes the way of every other, protected on its own, dropped in line).
+    auto inGroup = [&](size_t i) {
+      const uint32_t* r = ex.rec + i * 3;
+      Allocation* a = alloc[i];
+      if (group.a == a && r[1] == group.next && r[1] + uint64_t(r[2]) <= group.end) {  // in order: no page twice
+        group.next += r[2];
+        return true;
+      }
+      closeGroup();
+      // Without protection a drop stays in line: handing it over would widen the unprotected window.
+      if (c.wp.mode() == WriteProtector::kNone || !AllState(*a, r[1], r[2], kAnon)) return false;
+      uint64_t end = uint64_t(r[1]) + r[2];
+      for (size_t k = i + 1; k < ex.n; k++) {
+        const uint32_t* q = ex.rec + k * 3;
+        if (alloc[k] != a || q[1] != end || !AllState(*a, q[1], q[2], kAnon)) break;
+        end += q[2];
+      }
+      if (c.wp.Register(a->base + uint64_t(r[1]) * kPage, (end - r[1]) * kPage) != 0) return false;
+      group.a = a, group.first = r[1], group.end = end, group.next = uint64_t(r[1]) + r[2];
+      return true;
+    };
     // File-backed runs (anonymous ones drop in place, at no mapping's cost) with small gaps between
     // become one anonymous span: sparse zero pages would otherwise cost a mapping or two per run.
     auto remapped = [&](size_t k, SpanExt* e) {
@@ -1181,6 +1326,22 @@ class Arena : public Napi::ObjectWrap<Arena> {
       Allocation* a = alloc[i];
       if (!a) {
         ex.status[i] = kGone;
+        continue;
+      }
+      if (inGroup(i)) {
+        uint8_t* dst = a->base + uint64_t(r[1]) * kPage;
+        const size_t len = uint64_t(r[2]) * kPage;
+        if (int err = c.wp.WriteProtect(dst, len)) {  // from the check to the drop, writers wait
+          c.wp.Unprotect(dst, len);  // whatever part it did protect
+          ex.status[i] = -err;
+          continue;
+        }
+        if (!AllZero(dst, r[2])) {
+          c.wp.Unprotect(dst, len);
+          ex.status[i] = kMismatch;
+          continue;
+        }
+        reclaim.AddDrop(dst, r[2], i);  // dropped, then unprotected; its status comes with closeGroup()
         continue;
       }
       FindSpan(i, ex.n, remapped, &span);
@@ -1224,6 +1385,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
       ex.status[i] = kOk;
       done += count;
     }
+    closeGroup();
     return Napi::Number::New(env, static_cast<double>(done));
   }
 

@@ -87,14 +87,35 @@ int WriteProtector::Register(void* at, size_t len) {
 int WriteProtector::Protect(void* at, size_t len) {
   if (mode_ == kNone) return 0;
   if (int err = Register(at, len)) return err;
+  if (int err = WriteProtect(at, len)) {
+    Release(at, len, false);  // whatever part of the range it did protect
+    return err;
+  }
+  return 0;
+}
+
+int WriteProtector::WriteProtect(void* at, size_t len) {
+  if (mode_ == kNone) return 0;
   struct uffdio_writeprotect wp = {};
   wp.range.start = reinterpret_cast<uintptr_t>(at);
   wp.range.len = len;
   wp.mode = UFFDIO_WRITEPROTECT_MODE_WP;
-  if (ioctl(fd_, UFFDIO_WRITEPROTECT, &wp) == 0) return 0;
-  int err = errno;
-  Release(at, len, false);  // whatever part of the range it did protect
-  return err;
+  return ioctl(fd_, UFFDIO_WRITEPROTECT, &wp) == 0 ? 0 : errno;
+}
+
+void WriteProtector::Unprotect(void* at, size_t len) {
+  if (mode_ == kNone) return;
+  struct uffdio_writeprotect wp = {};
+  wp.range = {reinterpret_cast<uintptr_t>(at), len};
+  wp.mode = 0;  // no DONTWAKE: wakes the writers too
+  ioctl(fd_, UFFDIO_WRITEPROTECT, &wp);
+}
+
+void WriteProtector::Unregister(void* at, size_t len) {
+  if (mode_ == kNone) return;
+  struct uffdio_range range = {reinterpret_cast<uintptr_t>(at), len};
+  ioctl(fd_, UFFDIO_UNREGISTER, &range);
+  ioctl(fd_, UFFDIO_WAKE, &range);
 }
 
 void WriteProtector::Release(void* at, size_t len, bool remapped) {

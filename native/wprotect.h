@@ -27,8 +27,16 @@ class WriteProtector {
   // range was remapped, the registration went with the old mapping and only the wake is needed.
   void Release(void* at, size_t len, bool remapped);
 
- private:
+  // The same in steps, for many extents of one range (see DropZero): Register() the whole range
+  // once, WriteProtect() and Unprotect() each extent (any thread), Unregister() the range once all
+  // are unprotected. One registration instead of one per extent: each splits and joins mappings
+  // under the process's mmap lock, held exclusively, which would stall the helper's drops.
   int Register(void* at, size_t len);
+  int WriteProtect(void* at, size_t len);
+  void Unprotect(void* at, size_t len);  // clears the protection and wakes the writers
+  void Unregister(void* at, size_t len);
+
+ private:
   int fd_ = -1;
   Mode mode_ = kNone;
 };

@@ -220,6 +220,44 @@ t.test('a write that races a merge of many extents in one call, the earlier ones
   t.equal(arena.stats().punchFailures, 0)
 })
 
+t.test('a write that races a zero drop of private memory in many extents in one call, the drops overlapping the next checks, is never lost', async (t) => {
+  // The arena's own calls: a private 16 MiB buffer of written zero pages is dropped as 8 extents
+  // of 512 pages (as the coordinator sends them) in one call, over and over, its pages written
+  // again in between. The helper thread drops each checked extent while the next one is checked;
+  // the extent stays write-protected until then. Another thread writes a byte of a page in the
+  // third extent and checks for 2 ms that it stays, then puts the zero back: a write landing
+  // between its extent's check and its drop would be wiped without write protection.
+  const arena = new native.Arena()
+  const size = 16 * MiB, pages = size / 4096, per = 512, n = pages / per
+  const z = new Uint8Array(arena.alloc(size, false))
+  const racePage = 2 * per + 300
+  const stop = new SharedArrayBuffer(4)
+  const writer = new Worker(byteRacer(), { eval: true, workerData: { buffer: z.buffer, at: racePage * 4096 + 100, stop } })
+  await once(writer, 'message') // 'ready'
+  const result = once(writer, 'message') as Promise<[{ writes: number; lost: number }]>
+  const list = new Uint32Array(n * 3)
+  for (let k = 0; k < n; k++) list.set([arena.idOf(z), k * per, per], 3 * k)
+  const status = new Int32Array(n)
+  let runs = 0, whole = 0, partial = 0
+  const end = Date.now() + 3000
+  while (Date.now() < end) {
+    for (let p = 0; p < pages; p++) if (p !== racePage) z[p * 4096] = 0 // allocates the page again
+    const dropped = arena.dropZero(list, status, 1e9)
+    for (let k = 0; k < n; k++) if (k !== 2 && status[k] !== Status.OK) throw new Error(`dropZero: extent ${k} status ${status[k]}`)
+    if (status[2] === Status.OK && dropped === pages) whole++
+    else if (status[2] === Status.MISMATCH && dropped === pages - per) partial++
+    else throw new Error(`dropZero: the raced extent's status ${status[2]}, ${dropped} pages`)
+    if (++runs % 8 === 0) await new Promise(setImmediate)
+  }
+  Atomics.store(new Int32Array(stop), 0, 1)
+  const [{ writes, lost }] = await result
+  t.comment(`write protection: ${protection}; ${writes} writes during ${runs} drops (${whole} whole, ${partial} with the written extent left alone); ${lost} undone`)
+  t.ok(writes > 50 && runs > 20, 'writes and drops interleaved')
+  t.ok(whole > 0 && partial > 0, 'drops found the page both zero and written')
+  t.equal(lost, 0, 'no write was undone by a drop')
+  t.ok(z.every((x) => x === 0), 'and the buffer ends as it began')
+})
+
 t.test('read(2) into a buffer while its pages are merged: the system call waits, never fails or is lost', { skip: protection !== 'full' && `write protection is '${protection}' here: a system call into a page being merged would fail with EFAULT` }, async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'pagemerge-read-'))
   t.teardown(() => rmSync(dir, { recursive: true, force: true }))
