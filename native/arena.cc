@@ -461,7 +461,11 @@ struct ArenaCore {
   int64_t reserved = 0;  // of which: cuts stabilize() counted for the merges onto its pool pages, not made yet
   std::chrono::steady_clock::time_point counted;
   std::chrono::steady_clock::duration countCost{};  // how long the last count took
-  bool firstCount = true;  // the first count near the budget in a call is not held back
+  // Time spent in calls that may map (merge, dropZero, stabilize, unmerge) since the last count,
+  // the current call's so far included (see Busy): near the budget, a count may cost a tenth of it.
+  std::chrono::steady_clock::duration busy{};
+  std::chrono::steady_clock::time_point callStart{};
+  bool inCall = false;
   uint64_t poolPages = 0, poolMappings = 0, trackedPages = 0, punchFailures = 0;
 
   int pagemapFd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);  // kept open: read every batch
@@ -631,26 +635,35 @@ struct ArenaCore {
   }
 
   // Whether `cost` more mappings fit under `budget`; if so they are counted as taken. The
-  // process's mappings are counted again (reading /proc/self/maps costs ~1 µs per mapping) when
-  // the estimate is a second old, or near the budget and either holds our own worst cases or is
-  // 100 ms old; after the first such count of a call, at most once per ten times a count takes,
-  // so that a call of many small extents never spends more than a tenth of its time counting. In
-  // between, our own changes are added at their worst case, so the estimate only errs high.
+  // process's mappings are counted again (reading /proc/self/maps costs ~1 µs per mapping: 32 ms
+  // at 32k) when the estimate is stale, older than a second and than 1000 counts (at most 0.1% of
+  // the time counting), or near the budget when the estimate holds our own worst cases or is
+  // 100 ms old, and our calls have worked ten times what a count costs since the last one (or a
+  // count is cheap, or a hundred times its cost has passed). So a
+  // merge of gigabytes counts often enough to use the budget to the last mapping, and a
+  // background batch of 100 pages, whose work is a fraction of a count, does not count at every
+  // batch near the budget (at 32k mappings that was 32 ms a batch, more than ksmd's whole CPU).
+  // In between, our own changes are added at their worst case, so the estimate only errs high.
   bool Fits(int64_t cost, double budget) {
     if (cost <= 0) return true;
     auto now = std::chrono::steady_clock::now();
     auto age = now - counted;
+    auto work = busy + (inCall ? now - callStart : std::chrono::steady_clock::duration{});
     double margin = std::max(256.0, budget / 32);
     bool near = static_cast<double>(mappings + cost) > budget - margin;
-    if (mappings < 0 || age > std::chrono::seconds(1) ||
-        (near && (firstCount || age > 10 * countCost) && (dirty || age > std::chrono::milliseconds(100)))) {
+    bool stale = age > std::max<std::chrono::steady_clock::duration>(std::chrono::seconds(1), 1000 * countCost);
+    // near the budget: counted if our work since the last count is worth it, or a count is cheap
+    // (under 1 ms: a process of a few hundred mappings), or one in a hundred of the time is spent
+    bool worth = work > 10 * countCost || countCost < std::chrono::milliseconds(1) || age > 100 * countCost;
+    if (mappings < 0 || stale || (near && worth && (dirty || age > std::chrono::milliseconds(100)))) {
       int64_t n = CountMappings();
       if (n < 0) return false;
       mappings = n + reserved;
       counted = std::chrono::steady_clock::now();
       countCost = counted - now;
       dirty = false;
-      firstCount = false;
+      busy = {};
+      callStart = counted;  // the current call's work counts from here
     }
     if (static_cast<double>(mappings + cost) > budget) return false;
     mappings += cost;
@@ -696,6 +709,24 @@ void CollectLocked(ArenaCore& core, uint32_t id);
 thread_local ArenaCore* tlHeld = nullptr;
 
 // Locks an arena for one call; on unlocking, collects what the GC freed meanwhile.
+// Marks a call that may map: its time is work for ArenaCore::Fits (busy).
+class Busy {
+ public:
+  explicit Busy(ArenaCore& core) : core_(core) {
+    core_.callStart = std::chrono::steady_clock::now();
+    core_.inCall = true;
+  }
+  ~Busy() {
+    core_.busy += std::chrono::steady_clock::now() - core_.callStart;
+    core_.inCall = false;
+  }
+  Busy(const Busy&) = delete;
+  Busy& operator=(const Busy&) = delete;
+
+ private:
+  ArenaCore& core_;
+};
+
 class ArenaLock {
  public:
   explicit ArenaLock(ArenaCore& core) : core_(core) {
@@ -780,6 +811,11 @@ bool ReadExtents(const Napi::CallbackInfo& info, size_t stride, bool withStatus,
 // Worst-case number of new mappings when pages of an allocation are replaced: neighbouring
 // allocations can share the extent's mapping, so any extent may cut one mapping into three.
 constexpr int64_t kCuts = 2;
+
+// Runs of at most this many pages are merged without a staging mapping (pread, compare, map over):
+// a staging mapping and its move cost ~4.6 µs a run here, a page's copy and later fault ~0.6 µs
+// (1-page runs: 17.5 -> 12.9 µs each).
+constexpr uint64_t kDirectPages = 8;
 
 bool AllState(const Allocation& a, uint64_t first, uint64_t count, uint8_t st) {
   for (uint64_t k = 0; k < count; k++)
@@ -1049,7 +1085,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
       return ThrowType(env, code::INVALID_ARG, "outPool must be a Uint32Array with one entry per extent");
     uint32_t* poolOut = reinterpret_cast<uint32_t*>(outPool.data);
     ArenaLock lock(*core_);
-    core_->firstCount = true;
+    Busy busy(*core_);
     ArenaCore& c = *core_;
     std::vector<Allocation*> alloc;
     if (!ResolveAll(env, ex, 4, 2, &alloc)) return Napi::Value();
@@ -1149,7 +1185,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     double budget;
     if (!ReadExtents(info, 4, true, &ex) || !ReadBudget(info, 2, &budget)) return Napi::Value();
     ArenaLock lock(*core_);
-    core_->firstCount = true;
+    Busy busy(*core_);
     ArenaCore& c = *core_;
     std::vector<Allocation*> alloc;
     if (!ResolveAll(env, ex, 4, 3, &alloc)) return Napi::Value();
@@ -1210,9 +1246,11 @@ class Arena : public Napi::ObjectWrap<Arena> {
       // The new mapping is made first, aside (staging), and the run is compared with the pool pages
       // through it: the comparison's read faults populate the very mapping that then moves over
       // the run (mremap), so the pool bytes are neither copied (pread) nor faulted twice (after the
-      // merge). It is one more mapping for a moment: taken only when the budget has room for it.
+      // merge). It is one more mapping for a moment: taken only when the budget has room for it,
+      // and only for runs longer than kDirectPages, below which the staging mapping's own cost
+      // is more than the copy and the faults it saves.
       uint8_t* stage = nullptr;
-      if (c.mappings >= 0 && static_cast<double>(c.mappings + 1) <= budget) {
+      if (count > kDirectPages && c.mappings >= 0 && static_cast<double>(c.mappings + 1) <= budget) {
         void* m = c.MapStaging(dst, poolPage, count);
         if (m == MAP_FAILED) {
           ex.status[i] = -errno;
@@ -1259,7 +1297,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     double budget;
     if (!ReadExtents(info, 3, true, &ex) || !ReadBudget(info, 2, &budget)) return Napi::Value();
     ArenaLock lock(*core_);
-    core_->firstCount = true;
+    Busy busy(*core_);
     ArenaCore& c = *core_;
     std::vector<Allocation*> alloc;
     if (!ResolveAll(env, ex, 3, 2, &alloc)) return Napi::Value();
@@ -1397,7 +1435,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     double budget;
     if (!ReadExtents(info, 3, true, &ex) || !ReadBudget(info, 2, &budget)) return Napi::Value();
     ArenaLock lock(*core_);
-    core_->firstCount = true;
+    Busy busy(*core_);
     std::vector<Allocation*> alloc;
     if (!ResolveAll(env, ex, 3, 2, &alloc)) return Napi::Value();
     uint64_t done = 0;
