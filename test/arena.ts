@@ -432,6 +432,40 @@ t.test('a merged run split by unmerging its middle keeps both ends mapped right'
   t.equal(Buffer.compare(Buffer.from(a.buffer, 41 * PAGE, 23 * PAGE), Buffer.from(b.buffer, 41 * PAGE, 23 * PAGE)), 0, 'the right end still reads the pool')
 })
 
+t.test('reapWritten() over many small buffers side by side finds exactly the pages written', async (t) => {
+  // Small buffers lie end to end in the arena, and one pagemap read serves a run of them: each
+  // extent must still read its own entries.
+  const arena = new native.Arena()
+  const source = fillRandom(new Uint8Array(arena.alloc(2 * PAGE, true)), 61)
+  const small = Array.from({ length: 40 }, () => new Uint8Array(arena.alloc(2 * PAGE, true)))
+  const apart = new Uint8Array(arena.alloc(64 * MiB, true)) // between them and the last one: a gap
+  const last = new Uint8Array(arena.alloc(2 * PAGE, true))
+  const all = [...small, last]
+  const at = (b: Uint8Array) => Number(native.addressOf(b))
+  t.ok(small.every((b, i) => i === 0 || at(b) === at(small[i - 1]!) + 2 * PAGE), 'the small buffers lie end to end')
+  t.ok(at(last) >= at(apart) + apart.byteLength, 'and the last one apart from them')
+  const status = new Int32Array(1), pool = new Uint32Array(1)
+  arena.stabilize(new Uint32Array([arena.idOf(source), 0, 2, all.length]), status, BUDGET, pool)
+  for (const b of all) {
+    b.set(source)
+    t.equal(arena.merge(new Uint32Array([arena.idOf(b), 0, pool[0]!, 2]), status, BUDGET), 2)
+  }
+  const written = new Map([[17, 1], [30, 0], [40, 1]]) // buffer -> page
+  for (const [i, p] of written) all[i]![p * PAGE + 9] = all[i]![p * PAGE + 9]! ^ 0x5a
+  const extents = new Uint32Array(all.flatMap((b) => [arena.idOf(b), 0, 2]))
+  const counts = new Int32Array(all.length)
+  t.equal(arena.reapWritten(extents, counts), 3, 'three pages were written')
+  t.same([...counts], all.map((_, i) => (written.has(i) ? 1 : 0)), 'each in the buffer that was written')
+  const states = new Uint8Array(2), pools = new Uint32Array(2)
+  t.ok(
+    all.every((b, i) => {
+      arena.pageStates(b, 0, 2, states, pools)
+      return [0, 1].every((p) => states[p] === (written.get(i) === p ? PageState.WRITTEN : PageState.MERGED))
+    }),
+    'and at the page that was written',
+  )
+})
+
 // ---- spans: many extents of one buffer, one mapping ----
 
 /**
