@@ -1287,9 +1287,14 @@ function flagsOf(flags: Uint8Array, from: number, to: number): number {
   return any
 }
 
-/** Dropped zero pages from `slot` on that pagemap shows present again (read or written) are marked TOUCHED. */
+/**
+ * Dropped zero pages from `slot` on that pagemap shows present again (read or written) are marked
+ * TOUCHED. The entries are read as 32-bit words (bits 62 and 63, present and swapped, are the top
+ * two of each entry's high word): a BigUint64Array element read is a BigInt allocated per page.
+ */
 function markTouched(flags: Uint8Array, slot: number, entries: BigUint64Array): void {
-  for (let k = 0, s = slot; k < entries.length; k++, s++) if (flags[s]! & Flag.ZERO && entries[k]! >> 62n !== 0n) flags[s] = flags[s]! | Flag.TOUCHED
+  const words = new Uint32Array(entries.buffer, entries.byteOffset, 2 * entries.length)
+  for (let k = 0, s = slot; k < entries.length; k++, s++) if (flags[s]! & Flag.ZERO && words[2 * k + 1]! >>> 30 !== 0) flags[s] = flags[s]! | Flag.TOUCHED
 }
 
 /** Copies the first `nativeStride` numbers of each of `n` records of `stride` numbers into `extents`. */
