@@ -98,8 +98,11 @@ export interface NativeBinding {
   }
   /** xxh3-64 of each page of buffer[firstPage, firstPage+count) into out[outIndex...]. */
   hashPages(buffer: Bytes, firstPage: number, count: number, out: BigUint64Array, outIndex: number): number
-  /** hashPages for a live arena allocation given by address (what workers use: they hold no buffers). */
-  hashAt(address: bigint | number, firstPage: number, count: number, out: BigUint64Array, outIndex: number): number
+  /**
+   * hashPages for runs of live arena allocations given by address (what workers use: they hold no
+   * buffers): `n` records [address, firstPage, count, outIndex] of `runs`, in one call. Returns the pages hashed.
+   */
+  hashRuns(runs: Float64Array, n: number, out: BigUint64Array): number
   comparePages(a: Bytes, pageA: number, b: Bytes, pageB: number, count?: number): -1 | 0 | 1
   /** The xxh3-64 of a page of zero bytes. */
   ZERO_PAGE_HASH: bigint

@@ -87,7 +87,7 @@ uint64_t HashPage(const uint8_t* page) { return XXH3_64bits(page, kPage); }
 
 namespace {
 
-// The arguments hashPages and hashAt share: (_, firstPage, count, out: BigUint64Array, outIndex).
+// The arguments of hashPages: (_, firstPage, count, out: BigUint64Array, outIndex).
 // Sets where the count hashes go; throws and returns false on bad input.
 bool HashArgs(const Napi::CallbackInfo& info, uint64_t* first, uint64_t* count, uint64_t** hashes) {
   uint64_t outIndex;
@@ -130,32 +130,48 @@ Napi::Value ComparePages(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), c < 0 ? -1 : c > 0 ? 1 : 0);
 }
 
-// hashAt(address: bigint | number, firstPage, count, out: BigUint64Array, outIndex) -> count. Hashes
-// pages of a live arena allocation by address (as worker threads do, so as not to keep buffers
-// alive). A number must be a safe integer: user-space addresses are below 2^47.
-Napi::Value HashAt(const Napi::CallbackInfo& info) {
+// hashRuns(runs: Float64Array, n, out: BigUint64Array) -> pages hashed. Each of the n runs is a
+// record of four numbers [address, firstPage, count, outIndex]: pages of a live arena allocation,
+// hashed by address (as worker threads do, so as not to keep buffers alive) into
+// out[outIndex...]. One call for a batch's runs: a batch of small buffers has one run per buffer,
+// and a call per run cost more than hashing its page. Every run is checked before any is hashed.
+Napi::Value HashRuns(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  bool lossless = true;
-  uint64_t address;
-  if (info[0].IsBigInt()) {
-    address = info[0].As<Napi::BigInt>().Uint64Value(&lossless);
-  } else if (info[0].IsNumber()) {
-    double d = info[0].As<Napi::Number>().DoubleValue();
-    if (!(d >= 0 && d <= 9007199254740991.0) || d != static_cast<double>(static_cast<uint64_t>(d)))
-      return ThrowRange(env, code::MISALIGNED, "address must be a page-aligned address");
-    address = static_cast<uint64_t>(d);
-  } else {
-    return ThrowType(env, code::INVALID_ARG, "address must be a bigint or a number");
+  Bytes runs, out;
+  if (GetBytes(info[0], &runs) != ViewKind::kFloat64) return ThrowType(env, code::INVALID_ARG, "runs must be a Float64Array");
+  uint64_t n;
+  if (!ArgIndex(info, 1, "n", static_cast<double>(runs.length / 32), &n)) return Napi::Value();
+  if (GetBytes(info[2], &out) != ViewKind::kBigUint64) return ThrowType(env, code::INVALID_ARG, "out must be a BigUint64Array");
+  const double* r = reinterpret_cast<const double*>(runs.data);
+  const uint64_t slots = out.length / 8;
+  constexpr double kMaxSafe = 9007199254740991.0;
+  auto whole = [](double d) { return d >= 0 && d <= kMaxSafe && d == static_cast<double>(static_cast<uint64_t>(d)); };
+  for (uint64_t i = 0; i < n; i++) {
+    const double* q = r + 4 * i;
+    const std::string run = "run " + std::to_string(i) + ": ";
+    if (!whole(q[0]) || static_cast<uint64_t>(q[0]) % kPage) return ThrowRange(env, code::MISALIGNED, run + "address must be a page-aligned address");
+    if (!whole(q[1]) || !whole(q[2]) || !whole(q[3])) return ThrowRange(env, code::OUT_OF_RANGE, run + "firstPage, count and outIndex must be integers from 0 to 2^53 - 1");
+    const uint64_t address = static_cast<uint64_t>(q[0]), first = static_cast<uint64_t>(q[1]), count = static_cast<uint64_t>(q[2]), at = static_cast<uint64_t>(q[3]);
+    const uint64_t room = (UINT64_MAX - address) / kPage;
+    if (first > room || count > room - first) return ThrowRange(env, code::MISALIGNED, run + "the pages lie past the end of the address space");
+    if (at > slots || count > slots - at) return ThrowRange(env, code::OUT_OF_RANGE, run + "out is too short for count hashes at outIndex");
   }
-  uint64_t first, count, *h;
-  if (!HashArgs(info, &first, &count, &h)) return Napi::Value();
-  if (!lossless || address % kPage || first > (UINT64_MAX - address) / kPage)
-    return ThrowRange(env, code::MISALIGNED, "address must be a page-aligned address");
-  bool ok = WithRegistered(static_cast<uintptr_t>(address + first * kPage), count * kPage, [&](const uint8_t* p) {
-    for (uint64_t i = 0; i < count; i++) h[i] = HashPage(p + i * kPage);
-  });
-  if (!ok) return ThrowType(env, code::FOREIGN_BUFFER, "the pages are not in a live pagemerge allocation");
-  return Napi::Number::New(env, static_cast<double>(count));
+  uint64_t* h = reinterpret_cast<uint64_t*>(out.data);
+  uint64_t pages = 0;
+  const size_t bad = WithRegisteredRuns(
+      n,
+      [&](size_t i) {
+        const double* q = r + 4 * i;
+        return std::make_pair(static_cast<uintptr_t>(q[0] + q[1] * kPage), static_cast<size_t>(q[2]) * kPage);
+      },
+      [&](size_t i, const uint8_t* p) {
+        const double* q = r + 4 * i;
+        const uint64_t count = static_cast<uint64_t>(q[2]), at = static_cast<uint64_t>(q[3]);
+        for (uint64_t k = 0; k < count; k++) h[at + k] = HashPage(p + k * kPage);
+        pages += count;
+      });
+  if (bad < n) return ThrowType(env, code::FOREIGN_BUFFER, "run " + std::to_string(bad) + ": the pages are not in a live pagemerge allocation");
+  return Napi::Number::New(env, static_cast<double>(pages));
 }
 
 }  // namespace
@@ -163,7 +179,7 @@ Napi::Value HashAt(const Napi::CallbackInfo& info) {
 void InitPages(Napi::Env env, Napi::Object exports) {
   exports.Set("hashPages", Napi::Function::New(env, HashPages, "hashPages"));
   exports.Set("comparePages", Napi::Function::New(env, ComparePages, "comparePages"));
-  exports.Set("hashAt", Napi::Function::New(env, HashAt, "hashAt"));
+  exports.Set("hashRuns", Napi::Function::New(env, HashRuns, "hashRuns"));
   static const uint8_t zero[kPage] = {};
   exports.Set("ZERO_PAGE_HASH", Napi::BigInt::New(env, HashPage(zero)));
 }

@@ -32,15 +32,22 @@ void RegistryRemove(const uint8_t* base) {
   r.live.erase(reinterpret_cast<uintptr_t>(base));
 }
 
-bool WithRegistered(uintptr_t start, size_t length, const std::function<void(const uint8_t*)>& fn) {
+size_t WithRegisteredRuns(size_t n, const std::function<std::pair<uintptr_t, size_t>(size_t)>& range,
+                          const std::function<void(size_t, const uint8_t*)>& fn) {
   Registry& r = Get();
   std::shared_lock<std::shared_mutex> lock(r.mu);
-  auto it = r.live.upper_bound(start);
-  if (it == r.live.begin()) return false;
-  --it;
-  if (start < it->first || length > it->second || start - it->first > it->second - length) return false;
-  fn(reinterpret_cast<const uint8_t*>(start));
-  return true;
+  auto known = [&](uintptr_t start, size_t length) {
+    auto it = r.live.upper_bound(start);
+    if (it == r.live.begin()) return false;
+    --it;
+    return start >= it->first && length <= it->second && start - it->first <= it->second - length;
+  };
+  for (size_t i = 0; i < n; i++) {
+    auto [start, length] = range(i);
+    if (!known(start, length)) return i;
+  }
+  for (size_t i = 0; i < n; i++) fn(i, reinterpret_cast<const uint8_t*>(range(i).first));
+  return n;
 }
 
 }  // namespace pm

@@ -5,11 +5,14 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <utility>
 
 namespace pm {
 void RegistryAdd(const uint8_t* base, size_t length);
 // Blocks until no registered read of the range is in progress.
 void RegistryRemove(const uint8_t* base);
-// Runs fn while [start, start+length) is known to stay mapped; false when it is not registered.
-bool WithRegistered(uintptr_t start, size_t length, const std::function<void(const uint8_t*)>& fn);
+// Runs fn(i, start) for each of n ranges, range(i), while all are known to stay mapped (under one
+// lock), only if all are registered. Returns n, or the index of the first range that is not.
+size_t WithRegisteredRuns(size_t n, const std::function<std::pair<uintptr_t, size_t>(size_t)>& range,
+                          const std::function<void(size_t, const uint8_t*)>& fn);
 }  // namespace pm

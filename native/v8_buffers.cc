@@ -56,6 +56,7 @@ ViewKind GetBytes(napi_value value, Bytes* out) {
     if (v->IsUint32Array()) return ViewKind::kUint32;
     if (v->IsInt32Array()) return ViewKind::kInt32;
     if (v->IsBigUint64Array()) return ViewKind::kBigUint64;
+    if (v->IsFloat64Array()) return ViewKind::kFloat64;
     return ViewKind::kOtherView;
   }
   return ViewKind::kNone;

@@ -20,7 +20,7 @@ struct Bytes {
   bool shared = false;  // backed by a SharedArrayBuffer
 };
 
-enum class ViewKind { kNone, kSharedArrayBuffer, kArrayBuffer, kUint8, kUint32, kInt32, kBigUint64, kOtherView };
+enum class ViewKind { kNone, kSharedArrayBuffer, kArrayBuffer, kUint8, kUint32, kInt32, kBigUint64, kFloat64, kOtherView };
 
 // Bytes of a SharedArrayBuffer, ArrayBuffer or ArrayBufferView; kind says which it was.
 ViewKind GetBytes(napi_value value, Bytes* out);

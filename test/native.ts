@@ -48,6 +48,7 @@ t.test('bad input: a code, and nothing changed', async (t) => {
   const out = new BigUint64Array(256)
   const status = new Int32Array(1), pool = new Uint32Array(1)
   const id = arena.idOf(b)
+  const hashRun = (address: number, first: number, count: number, outIndex: number) => native.hashRuns(new Float64Array([address, first, count, outIndex]), 1, out)
   const cases: Array<[string, () => unknown, string, ErrorConstructor]> = [
     ['misaligned view', () => native.hashPages(Buffer.from(a.buffer, 1, PAGE), 0, 1, out, 0), ErrorCode.MISALIGNED, RangeError],
     ['pages outside the buffer', () => native.hashPages(a, 250, 10, out, 0), ErrorCode.OUT_OF_RANGE, RangeError],
@@ -69,13 +70,17 @@ t.test('bad input: a code, and nothing changed', async (t) => {
     ['no status array', () => arena.merge(new Uint32Array([id, 0, 0, 1]), undefined as unknown as Int32Array, 1e9), ErrorCode.INVALID_ARG, TypeError],
     ['a negative budget', () => arena.dropZero(new Uint32Array([id, 0, 1]), status, -1), ErrorCode.INVALID_ARG, TypeError],
     ['a stabilize without an output array', () => arena.stabilize(new Uint32Array([id, 0, 1, 0]), status, 1e9, undefined as unknown as Uint32Array), ErrorCode.INVALID_ARG, TypeError],
-    ['an address outside any allocation', () => native.hashAt(4096n, 0, 1, out, 0), ErrorCode.FOREIGN_BUFFER, TypeError],
-    ['a misaligned address', () => native.hashAt(native.addressOf(a) + 1n, 0, 1, out, 0), ErrorCode.MISALIGNED, RangeError],
-    ['an address as a fraction', () => native.hashAt(Number(native.addressOf(a)) + 0.5, 0, 1, out, 0), ErrorCode.MISALIGNED, RangeError],
-    ['a negative address', () => native.hashAt(-4096, 0, 1, out, 0), ErrorCode.MISALIGNED, RangeError],
-    ['an address past 2^53', () => native.hashAt(2 ** 60, 0, 1, out, 0), ErrorCode.MISALIGNED, RangeError],
-    ['NaN as an address', () => native.hashAt(NaN, 0, 1, out, 0), ErrorCode.MISALIGNED, RangeError],
-    ['an address as a string', () => native.hashAt('4096' as unknown as number, 0, 1, out, 0), ErrorCode.INVALID_ARG, TypeError],
+    ['an address outside any allocation', () => hashRun(4096, 0, 1, 0), ErrorCode.FOREIGN_BUFFER, TypeError],
+    ['a run past its allocation', () => hashRun(Number(native.addressOf(a)), 250, 10, 0), ErrorCode.FOREIGN_BUFFER, TypeError],
+    ['a misaligned address', () => hashRun(Number(native.addressOf(a)) + 1, 0, 1, 0), ErrorCode.MISALIGNED, RangeError],
+    ['an address as a fraction', () => hashRun(Number(native.addressOf(a)) + 0.5, 0, 1, 0), ErrorCode.MISALIGNED, RangeError],
+    ['a negative address', () => hashRun(-4096, 0, 1, 0), ErrorCode.MISALIGNED, RangeError],
+    ['an address past 2^53', () => hashRun(2 ** 60, 0, 1, 0), ErrorCode.MISALIGNED, RangeError],
+    ['NaN as an address', () => hashRun(NaN, 0, 1, 0), ErrorCode.MISALIGNED, RangeError],
+    ['a run count as a fraction', () => hashRun(Number(native.addressOf(a)), 0, 1.5, 0), ErrorCode.OUT_OF_RANGE, RangeError],
+    ['hashes past the output', () => hashRun(Number(native.addressOf(a)), 0, 2, out.length - 1), ErrorCode.OUT_OF_RANGE, RangeError],
+    ['more runs than the records hold', () => native.hashRuns(new Float64Array(4), 2, out), ErrorCode.OUT_OF_RANGE, RangeError],
+    ['runs that are not a Float64Array', () => native.hashRuns(new Uint32Array(4) as unknown as Float64Array, 1, out), ErrorCode.INVALID_ARG, TypeError],
   ]
   for (const [what, call, code, cls] of cases) {
     const err = (() => {
@@ -111,12 +116,13 @@ t.test('hashes are xxh3-64 of each page, as xxhash-addon computes them', async (
     if (out[i] !== want) t.fail(`page ${i}: ${out[i]} != ${want}`)
   }
   t.equal(out[5], native.ZERO_PAGE_HASH, 'the zero page hash')
-  const at = new BigUint64Array(64)
-  native.hashAt(native.addressOf(a), 0, 64, at, 0)
-  t.same([...at], [...out], 'hashAt agrees with hashPages')
-  at.fill(0n)
-  native.hashAt(Number(native.addressOf(a)), 0, 64, at, 0)
-  t.same([...at], [...out], 'and so does hashAt given the address as a number (what the hash workers pass)')
+  // hashRuns, by address, in runs of a call: [address, firstPage, count, outIndex] each
+  const at = new BigUint64Array(66)
+  const address = Number(native.addressOf(a))
+  t.equal(native.hashRuns(new Float64Array([address, 0, 5, 0, address, 5, 1, 5, address + 6 * PAGE, 0, 58, 8]), 3, at), 64, 'pages hashed')
+  t.same([...at.subarray(0, 6)], [...out.subarray(0, 6)], 'hashRuns agrees with hashPages')
+  t.same([...at.subarray(8)], [...out.subarray(6)], 'run after run, each at its outIndex')
+  t.same([...at.subarray(6, 8)], [0n, 0n], 'and writes nothing else')
 })
 
 t.test('the addon loads and works in several worker threads at once', async (t) => {

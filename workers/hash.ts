@@ -22,8 +22,12 @@ function view<T extends Uint32Array | Int32Array | Uint8Array | BigUint64Array |
 
 const wide = new WeakMap<SharedArrayBuffer, BigUint64Array>()
 
-/** The keys a run had before it is hashed again (reused: a new array per run cost more than the run). */
+/** The keys the task's runs had before they are hashed again, one run after another (reused: a new array per run cost more than the run). */
 let previous = new Int32Array(2 * 1024)
+/** The task's runs of pages to hash: [address, firstPage, count, slot] each, for one hashRuns() call. */
+let runs = new Float64Array(4 * 64)
+/** And for settle(): [batchIndex, mixLo, mixHi, where its old keys start in `previous`] each. */
+let meta = new Float64Array(4 * 64)
 
 export default function hash(task: HashTask): HashResult {
   let hashes = wide.get(task.keys) // a second view of the same bytes as `words`
@@ -40,24 +44,39 @@ export default function hash(task: HashTask): HashResult {
   const mask = table.length - 1
   const bits = 31 - Math.clz32(table.length)
   const shards = view(task.shards, Float64Array)
-  let hashed = 0
+  let pages = 0
+  for (let r = task.from; r < task.to; r++) pages += shards[r * SHARD_FIELDS + 2]!
+  if (previous.length < 2 * pages) previous = new Int32Array(2 * pages)
+  // The runs of pages to hash (up to a page to skip, or a shard's end), their old keys saved ...
+  let n = 0, saved = 0
   for (let r = task.from; r < task.to; r++) {
     const o = r * SHARD_FIELDS
     const address = shards[o]!, firstPage = shards[o + 1]!, count = shards[o + 2]!, slot = shards[o + 3]!
     const batchIndex = shards[o + 4]!, mixLo = shards[o + 5]!, mixHi = shards[o + 6]!
     candidates.fill(-1, batchIndex, batchIndex + count) // the answer for pages not hashed
     for (let i = skipped(flags, slot, count); i < count; ) {
-      const n = toHash(flags, slot + i, count - i) // each maximal run of pages to hash, in one native call
-      if (previous.length < 2 * n) previous = new Int32Array(2 * n)
-      saveKeys(words, previous, 2 * (slot + i), 2 * n)
-      native.hashAt(address, firstPage + i, n, hashes, slot + i)
-      settle(words, flags, previous, candidates, table, nodeLo, nodeHi, slot + i, batchIndex + i, n, mixLo, mixHi, secret, bits, mask)
-      hashed += n
-      i += n
+      const k = toHash(flags, slot + i, count - i)
+      if (runs.length < 4 * (n + 1)) (runs = grown(runs)), (meta = grown(meta))
+      runs[4 * n] = address, runs[4 * n + 1] = firstPage + i, runs[4 * n + 2] = k, runs[4 * n + 3] = slot + i
+      meta[4 * n] = batchIndex + i, meta[4 * n + 1] = mixLo, meta[4 * n + 2] = mixHi, meta[4 * n + 3] = 2 * saved
+      saveKeys(words, previous, 2 * (slot + i), 2 * k, 2 * saved)
+      n++, saved += k
+      i += k
       i += skipped(flags, slot + i, count - i)
     }
   }
-  return { hashed }
+  // ... hashed in one native call (a batch of small buffers has a run per buffer) ...
+  if (n > 0) native.hashRuns(runs, n, hashes)
+  // ... and settled.
+  for (let j = 0; j < n; j++)
+    settle(words, flags, previous, meta[4 * j + 3]!, candidates, table, nodeLo, nodeHi, runs[4 * j + 3]!, meta[4 * j]!, runs[4 * j + 2]!, meta[4 * j + 1]!, meta[4 * j + 2]!, secret, bits, mask)
+  return { hashed: saved }
+}
+
+function grown(a: Float64Array<ArrayBuffer>): Float64Array<ArrayBuffer> {
+  const b = new Float64Array(2 * a.length)
+  b.set(a)
+  return b
 }
 
 // The loops over pages are leaf functions that return a number: V8 optimizes a long loop while
@@ -80,27 +99,27 @@ function skipped(flags: Uint8Array, slot: number, most: number): number {
   return n
 }
 
-/** Copies `count` key words from `from` into `old` (no subarray object per run). */
-function saveKeys(words: Int32Array, old: Int32Array, from: number, count: number): number {
-  for (let k = 0; k < count; k++) old[k] = words[from + k]!
+/** Copies `count` key words from `from` into `old` at `at` (no subarray object per run). */
+function saveKeys(words: Int32Array, old: Int32Array, from: number, count: number, at: number): number {
+  for (let k = 0; k < count; k++) old[at + k] = words[from + k]!
   return count
 }
 
 /**
  * Mixes the domain into the new keys of `count` pages from `slot`, flags each page new, changed
- * or not since one scan ago (`old`), and looks each one up in the stable table. Every operation
+ * or not since one scan ago (`old` from `oldAt`), and looks each one up in the stable table. Every operation
  * runs for every page of every scan, so that the loop, optimized in a first scan (nothing
  * merged, no stable page yet), is not thrown away when a later scan takes a path the first
  * never took.
  */
-function settle(words: Int32Array, flags: Uint8Array, old: Int32Array, candidates: Int32Array, table: Int32Array, nodeLo: Int32Array, nodeHi: Int32Array, slot: number, batchIndex: number, count: number, mixLo: number, mixHi: number, secret: number, bits: number, mask: number): number {
+function settle(words: Int32Array, flags: Uint8Array, old: Int32Array, oldAt: number, candidates: Int32Array, table: Int32Array, nodeLo: Int32Array, nodeHi: Int32Array, slot: number, batchIndex: number, count: number, mixLo: number, mixHi: number, secret: number, bits: number, mask: number): number {
   for (let k = 0; k < count; k++) {
     const s = slot + k
     const lo = words[2 * s]! ^ mixLo, hi = words[2 * s + 1]! ^ mixHi
     words[2 * s] = lo
     words[2 * s + 1] = hi
     const f = flags[s]!
-    const changed = ((old[2 * k]! ^ lo) | (old[2 * k + 1]! ^ hi)) !== 0 // since one scan ago
+    const changed = ((old[oldAt + 2 * k]! ^ lo) | (old[oldAt + 2 * k + 1]! ^ hi)) !== 0 // since one scan ago
     flags[s] = (f & ~(CHANGED | NEW)) | HASHED | ((f & HASHED) === 0 ? NEW : changed ? CHANGED : 0)
     let found = -1
     for (let p = probeStart(lo, secret, bits); ; ) {
