@@ -3,6 +3,7 @@
 // given (made anew when the engine grows them), since a batch can be as small as 100 pages.
 import { loadNative } from '../lib/native'
 import { Flag, probeStart, SHARD_FIELDS, type HashResult, type HashTask } from '../lib/protocol'
+import { sharedBytes } from '../lib/tables'
 
 const native = loadNative()
 const { MERGED, ZERO, TOUCHED, HASHED, CHANGED, NEW } = Flag
@@ -22,12 +23,16 @@ function view<T extends Uint32Array | Int32Array | Uint8Array | BigUint64Array |
 
 const wide = new WeakMap<SharedArrayBuffer, BigUint64Array>()
 
-/** The keys the task's runs had before they are hashed again, one run after another (reused: a new array per run cost more than the run). */
-let previous = new Int32Array(2 * 1024)
+// A task's scratch, sized for it before it starts (large ones in mappings of their own, see
+// sharedBytes(): malloc'd and regrown, they stayed in this thread's C heap, 7 MiB after a merge of
+// the files workload) and let go after a large task.
+/** The keys the task's runs had before they are hashed again, one run after another. */
+let previous: Int32Array<ArrayBufferLike> = new Int32Array(2 * 1024)
 /** The task's runs of pages to hash: [address, firstPage, count, slot] each, for one hashRuns() call. */
-let runs = new Float64Array(4 * 64)
+let runs: Float64Array<ArrayBufferLike> = new Float64Array(4 * 64)
 /** And for settle(): [batchIndex, mixLo, mixHi, where its old keys start in `previous`] each. */
-let meta = new Float64Array(4 * 64)
+let meta: Float64Array<ArrayBufferLike> = new Float64Array(4 * 64)
+const SMALL_RUNS = 1024
 
 export default function hash(task: HashTask): HashResult {
   let hashes = wide.get(task.keys) // a second view of the same bytes as `words`
@@ -46,7 +51,9 @@ export default function hash(task: HashTask): HashResult {
   const shards = view(task.shards, Float64Array)
   let pages = 0
   for (let r = task.from; r < task.to; r++) pages += shards[r * SHARD_FIELDS + 2]!
-  if (previous.length < 2 * pages) previous = new Int32Array(2 * pages)
+  const most = Math.ceil(pages / 2) + task.to - task.from // runs: a skipped page at least between two in a shard
+  if (previous.length < 2 * pages) previous = new Int32Array(sharedBytes(4 * 2 * pages))
+  if (runs.length < 4 * most) (runs = new Float64Array(sharedBytes(8 * 4 * most))), (meta = new Float64Array(sharedBytes(8 * 4 * most)))
   // The runs of pages to hash (up to a page to skip, or a shard's end), their old keys saved ...
   let n = 0, saved = 0
   for (let r = task.from; r < task.to; r++) {
@@ -56,7 +63,6 @@ export default function hash(task: HashTask): HashResult {
     candidates.fill(-1, batchIndex, batchIndex + count) // the answer for pages not hashed
     for (let i = skipped(flags, slot, count); i < count; ) {
       const k = toHash(flags, slot + i, count - i)
-      if (runs.length < 4 * (n + 1)) (runs = grown(runs)), (meta = grown(meta))
       runs[4 * n] = address, runs[4 * n + 1] = firstPage + i, runs[4 * n + 2] = k, runs[4 * n + 3] = slot + i
       meta[4 * n] = batchIndex + i, meta[4 * n + 1] = mixLo, meta[4 * n + 2] = mixHi, meta[4 * n + 3] = 2 * saved
       saveKeys(words, previous, 2 * (slot + i), 2 * k, 2 * saved)
@@ -70,13 +76,9 @@ export default function hash(task: HashTask): HashResult {
   // ... and settled.
   for (let j = 0; j < n; j++)
     settle(words, flags, previous, meta[4 * j + 3]!, candidates, table, nodeLo, nodeHi, runs[4 * j + 3]!, meta[4 * j]!, runs[4 * j + 2]!, meta[4 * j + 1]!, meta[4 * j + 2]!, secret, bits, mask)
+  if (runs.length > 4 * SMALL_RUNS) (runs = new Float64Array(4 * 64)), (meta = new Float64Array(4 * 64))
+  if (previous.length > 2 * SMALL_RUNS) previous = new Int32Array(2 * 1024)
   return { hashed: saved }
-}
-
-function grown(a: Float64Array<ArrayBuffer>): Float64Array<ArrayBuffer> {
-  const b = new Float64Array(2 * a.length)
-  b.set(a)
-  return b
 }
 
 // The loops over pages are leaf functions that return a number: V8 optimizes a long loop while
