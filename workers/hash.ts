@@ -3,7 +3,6 @@
 // given (made anew when the engine grows them), since a batch can be as small as 100 pages.
 import { loadNative } from '../lib/native'
 import { Flag, probeStart, SHARD_FIELDS, type HashResult, type HashTask } from '../lib/protocol'
-import { sharedBytes } from '../lib/tables'
 
 const native = loadNative()
 const { MERGED, ZERO, TOUCHED, HASHED, CHANGED, NEW } = Flag
@@ -23,16 +22,16 @@ function view<T extends Uint32Array | Int32Array | Uint8Array | BigUint64Array |
 
 const wide = new WeakMap<SharedArrayBuffer, BigUint64Array>()
 
-// A task's scratch, sized for it before it starts (large ones in mappings of their own, see
-// sharedBytes(): malloc'd and regrown, they stayed in this thread's C heap, 7 MiB after a merge of
-// the files workload) and let go after a large task.
-/** The keys the task's runs had before they are hashed again, one run after another. */
-let previous: Int32Array<ArrayBufferLike> = new Int32Array(2 * 1024)
-/** The task's runs of pages to hash: [address, firstPage, count, slot] each, for one hashRuns() call. */
-let runs: Float64Array<ArrayBufferLike> = new Float64Array(4 * 64)
+/** Pages per hashRuns() call: bounds the scratch below, allocated once (a scratch sized for each
+ * task and let go, or regrown, stayed in this thread's heaps, which no GC of the application's
+ * thread empties: 2-10 MiB that the OS counted against a merge). */
+const CHUNK = 2048
+/** The keys the chunk's runs had before they are hashed again, one run after another. */
+const previous = new Int32Array(2 * CHUNK)
+/** The chunk's runs of pages to hash: [address, firstPage, count, slot] each (a run has a page at least). */
+const runs = new Float64Array(4 * CHUNK)
 /** And for settle(): [batchIndex, mixLo, mixHi, where its old keys start in `previous`] each. */
-let meta: Float64Array<ArrayBufferLike> = new Float64Array(4 * 64)
-const SMALL_RUNS = 1024
+const meta = new Float64Array(4 * CHUNK)
 
 export default function hash(task: HashTask): HashResult {
   let hashes = wide.get(task.keys) // a second view of the same bytes as `words`
@@ -49,36 +48,34 @@ export default function hash(task: HashTask): HashResult {
   const mask = table.length - 1
   const bits = 31 - Math.clz32(table.length)
   const shards = view(task.shards, Float64Array)
-  let pages = 0
-  for (let r = task.from; r < task.to; r++) pages += shards[r * SHARD_FIELDS + 2]!
-  const most = Math.ceil(pages / 2) + task.to - task.from // runs: a skipped page at least between two in a shard
-  if (previous.length < 2 * pages) previous = new Int32Array(sharedBytes(4 * 2 * pages))
-  if (runs.length < 4 * most) (runs = new Float64Array(sharedBytes(8 * 4 * most))), (meta = new Float64Array(sharedBytes(8 * 4 * most)))
-  // The runs of pages to hash (up to a page to skip, or a shard's end), their old keys saved ...
-  let n = 0, saved = 0
+  let n = 0, saved = 0, hashed = 0
+  // ... the chunk's runs hashed in one native call (a batch of small buffers has a run per buffer), and settled
+  const flush = () => {
+    if (n > 0) native.hashRuns(runs, n, hashes)
+    for (let j = 0; j < n; j++)
+      settle(words, flags, previous, meta[4 * j + 3]!, candidates, table, nodeLo, nodeHi, runs[4 * j + 3]!, meta[4 * j]!, runs[4 * j + 2]!, meta[4 * j + 1]!, meta[4 * j + 2]!, secret, bits, mask)
+    hashed += saved
+    n = saved = 0
+  }
+  // The runs of pages to hash (up to a page to skip, a shard's end or a full chunk), their old keys saved ...
   for (let r = task.from; r < task.to; r++) {
     const o = r * SHARD_FIELDS
     const address = shards[o]!, firstPage = shards[o + 1]!, count = shards[o + 2]!, slot = shards[o + 3]!
     const batchIndex = shards[o + 4]!, mixLo = shards[o + 5]!, mixHi = shards[o + 6]!
     candidates.fill(-1, batchIndex, batchIndex + count) // the answer for pages not hashed
     for (let i = skipped(flags, slot, count); i < count; ) {
-      const k = toHash(flags, slot + i, count - i)
+      const k = Math.min(toHash(flags, slot + i, count - i), CHUNK - saved)
       runs[4 * n] = address, runs[4 * n + 1] = firstPage + i, runs[4 * n + 2] = k, runs[4 * n + 3] = slot + i
       meta[4 * n] = batchIndex + i, meta[4 * n + 1] = mixLo, meta[4 * n + 2] = mixHi, meta[4 * n + 3] = 2 * saved
       saveKeys(words, previous, 2 * (slot + i), 2 * k, 2 * saved)
       n++, saved += k
+      if (saved === CHUNK) flush()
       i += k
       i += skipped(flags, slot + i, count - i)
     }
   }
-  // ... hashed in one native call (a batch of small buffers has a run per buffer) ...
-  if (n > 0) native.hashRuns(runs, n, hashes)
-  // ... and settled.
-  for (let j = 0; j < n; j++)
-    settle(words, flags, previous, meta[4 * j + 3]!, candidates, table, nodeLo, nodeHi, runs[4 * j + 3]!, meta[4 * j]!, runs[4 * j + 2]!, meta[4 * j + 1]!, meta[4 * j + 2]!, secret, bits, mask)
-  if (runs.length > 4 * SMALL_RUNS) (runs = new Float64Array(4 * 64)), (meta = new Float64Array(4 * 64))
-  if (previous.length > 2 * SMALL_RUNS) previous = new Int32Array(2 * 1024)
-  return { hashed: saved }
+  flush()
+  return { hashed }
 }
 
 // The loops over pages are leaf functions that return a number: V8 optimizes a long loop while
