@@ -11,6 +11,9 @@ const BYTES = 32 * MiB // two buffers: a 64 MiB workload
 const PAGES = BYTES / PAGE
 const MERGEABLE = (PAGES * 3) / 4 // every 4th page differs between the two
 
+/** Buffers of the warm-up merges: kept, since one collected during a run leaves pagesSharing then. */
+const warmed: Buffer[] = []
+
 /** A PageMerger with spans on or off, whose worker threads are up (their stacks are mappings too). */
 async function warmMerger(spans: boolean, seed: number): Promise<PageMerger> {
   if (spans) delete process.env.PAGEMERGE_NO_SPANS
@@ -21,6 +24,7 @@ async function warmMerger(spans: boolean, seed: number): Promise<PageMerger> {
   fillRandom(warm[0]!, seed)
   warm[1]!.set(warm[0]!)
   await pm.mergeNow()
+  warmed.push(...warm)
   return pm
 }
 
