@@ -108,7 +108,7 @@ t.test("engine 'auto': pagemerge merges within the mapping budget, ksmd takes wh
   const pairs = 64, bytes = 16 * PAGE
   await withKsmd(t, 'auto', async (pm) => {
   pm.kernel.tune({ run: 0 }) // ksmd starts after pagemerge is done, so that each side's share is clear
-  clones(pm, 4 * MiB, 99)
+  const warm = clones(pm, 4 * MiB, 99) // kept to the end: collected meanwhile, it would leave pagesSharing
   await pm.mergeNow() // the worker threads are up: their stacks are mappings too
   const bufs = Array.from({ length: pairs }, (_, i) => clones(pm, bytes, 100 + i))
   const want = bufs.map(([a]) => digest(a))
@@ -127,6 +127,7 @@ t.test("engine 'auto': pagemerge merges within the mapping budget, ksmd takes wh
   t.ok(own + kernel / 2 >= 0.95 * ideal, `together ${own} + ${kernel} / 2 of the ${ideal} pages saveable`)
   t.equal(pm.stats().kernelMergingPages, mergingPages(), 'stats() says how many the kernel took')
   t.ok(bufs.every(([a, b], i) => digest(a) === want[i] && digest(b) === want[i]), 'every byte intact')
+  t.equal(digest(warm[0]), digest(warm[1]), 'and the warm-up pair too')
   })
 })
 
