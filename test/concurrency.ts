@@ -51,6 +51,26 @@ function byteRacer(eachRound = ''): string {
     parentPort.postMessage({ writes, lost })`
 }
 
+/**
+ * Starts a byteRacer (with `eachRound`) on `workerData`, runs `step` over and over for 3 s
+ * (yielding to the event loop every 8 runs), stops the racer, and returns its counts and the runs.
+ */
+async function racing(workerData: object, eachRound: string, step: () => unknown): Promise<{ writes: number; lost: number; runs: number }> {
+  const stop = new SharedArrayBuffer(4)
+  const writer = new Worker(byteRacer(eachRound), { eval: true, workerData: { ...workerData, stop } })
+  await once(writer, 'message') // 'ready'
+  const result = once(writer, 'message') as Promise<[{ writes: number; lost: number }]>
+  let runs = 0
+  const end = Date.now() + 3000
+  while (Date.now() < end) {
+    await step()
+    if (++runs % 8 === 0) await new Promise(setImmediate)
+  }
+  Atomics.store(new Int32Array(stop), 0, 1)
+  const [{ writes, lost }] = await result
+  return { writes, lost, runs }
+}
+
 t.test(`4 writer threads, 256 MiB of duplicates, ${SECONDS} s of merging flat out: every byte equals its shadow`, async (t) => {
   const pm = new PageMerger({ workers: 1 })
   t.teardown(() => pm.close())
@@ -92,19 +112,12 @@ t.test('a write that races the merge of its page is never lost', async (t) => {
   t.teardown(() => pm.close())
   const a = fillRandom(pm.alloc(2 * MiB), 90), b = pm.alloc(2 * MiB)
   b.set(a)
-  const stop = new SharedArrayBuffer(4)
   // each round makes pages 2.. private again (the same bytes), so the next scan merges them again
-  const writer = new Worker(byteRacer('b.set(new Uint8Array(workerData.original).subarray(2 * 4096), 2 * 4096)'), {
-    eval: true,
-    workerData: { buffer: b.buffer, original: new Uint8Array(a).buffer, at: 2 * 4096 + 100, stop },
-  })
-  await once(writer, 'message') // 'ready'
-  const result = once(writer, 'message') as Promise<[{ writes: number; lost: number }]>
-  let runs = 0
-  const end = Date.now() + 3000
-  while (Date.now() < end) (await pm.mergeNow(), runs++)
-  Atomics.store(new Int32Array(stop), 0, 1)
-  const [{ writes, lost }] = await result
+  const { writes, lost, runs } = await racing(
+    { buffer: b.buffer, original: new Uint8Array(a).buffer, at: 2 * 4096 + 100 },
+    'b.set(new Uint8Array(workerData.original).subarray(2 * 4096), 2 * 4096)',
+    () => pm.mergeNow(),
+  )
   t.comment(`write protection: ${protection}; ${writes} writes during ${runs} mergeNow() runs; ${lost} undone`)
   t.ok(writes > 100 && runs > 100, 'writes and merges interleaved')
   t.equal(lost, 0, 'no write was undone by a merge')
@@ -194,24 +207,16 @@ t.test('a write that races a merge of many extents in one call, the earlier ones
   arena.stabilize(st, new Int32Array(n), 1e9, pool)
   const mg = new Uint32Array(n * 4)
   for (let k = 0; k < n; k++) mg.set([arena.idOf(b), k * per, pool[k]!, per], 4 * k)
-  const stop = new SharedArrayBuffer(4)
-  const writer = new Worker(byteRacer(), { eval: true, workerData: { buffer: b.buffer, at: (pages - 100) * 4096 + 100, stop } })
-  await once(writer, 'message') // 'ready'
-  const result = once(writer, 'message') as Promise<[{ writes: number; lost: number }]>
   const id = arena.idOf(b), status = new Int32Array(n), other = new Int32Array(1)
-  let runs = 0, whole = 0, partial = 0
-  const end = Date.now() + 3000
-  while (Date.now() < end) {
+  let whole = 0, partial = 0
+  const { writes, lost, runs } = await racing({ buffer: b.buffer, at: (pages - 100) * 4096 + 100 }, '', () => {
     const merged = arena.merge(mg, status, 1e9)
     for (let k = 0; k < n - 1; k++) if (status[k] !== Status.OK) throw new Error(`merge: extent ${k} status ${status[k]}`)
     if (status[n - 1] === Status.OK && merged === pages) whole++
     else if (status[n - 1] === Status.MISMATCH && merged === pages - per) partial++
     else throw new Error(`merge: last extent status ${status[n - 1]}, ${merged} pages`)
     arena.unmerge(new Uint32Array([id, 0, pages]), other, 1e9)
-    if (++runs % 8 === 0) await new Promise(setImmediate)
-  }
-  Atomics.store(new Int32Array(stop), 0, 1)
-  const [{ writes, lost }] = await result
+  })
   t.comment(`write protection: ${protection}; ${writes} writes during ${runs} merges (${whole} whole, ${partial} with the written extent left alone); ${lost} undone`)
   t.ok(writes > 50 && runs > 20, 'writes and merges interleaved')
   t.ok(whole > 0 && partial > 0, 'merges found the page both as before and as written')
@@ -231,26 +236,18 @@ t.test('a write that races a zero drop of private memory in many extents in one 
   const size = 16 * MiB, pages = size / 4096, per = 512, n = pages / per
   const z = new Uint8Array(arena.alloc(size, false))
   const racePage = 2 * per + 300
-  const stop = new SharedArrayBuffer(4)
-  const writer = new Worker(byteRacer(), { eval: true, workerData: { buffer: z.buffer, at: racePage * 4096 + 100, stop } })
-  await once(writer, 'message') // 'ready'
-  const result = once(writer, 'message') as Promise<[{ writes: number; lost: number }]>
   const list = new Uint32Array(n * 3)
   for (let k = 0; k < n; k++) list.set([arena.idOf(z), k * per, per], 3 * k)
   const status = new Int32Array(n)
-  let runs = 0, whole = 0, partial = 0
-  const end = Date.now() + 3000
-  while (Date.now() < end) {
+  let whole = 0, partial = 0
+  const { writes, lost, runs } = await racing({ buffer: z.buffer, at: racePage * 4096 + 100 }, '', () => {
     for (let p = 0; p < pages; p++) if (p !== racePage) z[p * 4096] = 0 // allocates the page again
     const dropped = arena.dropZero(list, status, 1e9)
     for (let k = 0; k < n; k++) if (k !== 2 && status[k] !== Status.OK) throw new Error(`dropZero: extent ${k} status ${status[k]}`)
     if (status[2] === Status.OK && dropped === pages) whole++
     else if (status[2] === Status.MISMATCH && dropped === pages - per) partial++
     else throw new Error(`dropZero: the raced extent's status ${status[2]}, ${dropped} pages`)
-    if (++runs % 8 === 0) await new Promise(setImmediate)
-  }
-  Atomics.store(new Int32Array(stop), 0, 1)
-  const [{ writes, lost }] = await result
+  })
   t.comment(`write protection: ${protection}; ${writes} writes during ${runs} drops (${whole} whole, ${partial} with the written extent left alone); ${lost} undone`)
   t.ok(writes > 50 && runs > 20, 'writes and drops interleaved')
   t.ok(whole > 0 && partial > 0, 'drops found the page both zero and written')
