@@ -146,15 +146,15 @@ Napi::Value HashRuns(const Napi::CallbackInfo& info) {
   const uint64_t slots = out.length / 8;
   constexpr double kMaxSafe = 9007199254740991.0;
   auto whole = [](double d) { return d >= 0 && d <= kMaxSafe && d == static_cast<double>(static_cast<uint64_t>(d)); };
+  auto runAt = [](uint64_t i) { return "run " + std::to_string(i) + ": "; };  // built only for an error
   for (uint64_t i = 0; i < n; i++) {
     const double* q = r + 4 * i;
-    const std::string run = "run " + std::to_string(i) + ": ";
-    if (!whole(q[0]) || static_cast<uint64_t>(q[0]) % kPage) return ThrowRange(env, code::MISALIGNED, run + "address must be a page-aligned address");
-    if (!whole(q[1]) || !whole(q[2]) || !whole(q[3])) return ThrowRange(env, code::OUT_OF_RANGE, run + "firstPage, count and outIndex must be integers from 0 to 2^53 - 1");
+    if (!whole(q[0]) || static_cast<uint64_t>(q[0]) % kPage) return ThrowRange(env, code::MISALIGNED, runAt(i) + "address must be a page-aligned address");
+    if (!whole(q[1]) || !whole(q[2]) || !whole(q[3])) return ThrowRange(env, code::OUT_OF_RANGE, runAt(i) + "firstPage, count and outIndex must be integers from 0 to 2^53 - 1");
     const uint64_t address = static_cast<uint64_t>(q[0]), first = static_cast<uint64_t>(q[1]), count = static_cast<uint64_t>(q[2]), at = static_cast<uint64_t>(q[3]);
     const uint64_t room = (UINT64_MAX - address) / kPage;
-    if (first > room || count > room - first) return ThrowRange(env, code::MISALIGNED, run + "the pages lie past the end of the address space");
-    if (at > slots || count > slots - at) return ThrowRange(env, code::OUT_OF_RANGE, run + "out is too short for count hashes at outIndex");
+    if (first > room || count > room - first) return ThrowRange(env, code::MISALIGNED, runAt(i) + "the pages lie past the end of the address space");
+    if (at > slots || count > slots - at) return ThrowRange(env, code::OUT_OF_RANGE, runAt(i) + "out is too short for count hashes at outIndex");
   }
   uint64_t* h = reinterpret_cast<uint64_t*>(out.data);
   uint64_t pages = 0;
@@ -170,7 +170,7 @@ Napi::Value HashRuns(const Napi::CallbackInfo& info) {
         for (uint64_t k = 0; k < count; k++) h[at + k] = HashPage(p + k * kPage);
         pages += count;
       });
-  if (bad < n) return ThrowType(env, code::FOREIGN_BUFFER, "run " + std::to_string(bad) + ": the pages are not in a live pagemerge allocation");
+  if (bad < n) return ThrowType(env, code::FOREIGN_BUFFER, runAt(bad) + "the pages are not in a live pagemerge allocation");
   return Napi::Number::New(env, static_cast<double>(pages));
 }
 
