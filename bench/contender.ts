@@ -19,7 +19,7 @@ import { PageMerger } from '../lib/page-merger'
 import { meminfo, smapsRollup } from '../lib/procfs'
 import type { Stats } from '../lib/engine'
 import { gcRounds, limitBuffer, median, readHalves, threadCpuNs } from './common'
-import { hashBuffers, loadWorkload, pageSeed, roundUp, VOLATILE_EVERY, writePage, type Ideal, type Loaded, type WorkloadName } from './workloads'
+import { hashBuffers, loadWorkload, pageSeed, roundUp, scratch, VOLATILE_EVERY, writePage, type Ideal, type Loaded, type WorkloadName } from './workloads'
 
 export type ContenderKind = 'limit' | 'pm-now' | 'pm-bg' | 'ksmd'
 
@@ -176,10 +176,10 @@ function snapshot(): Snapshot {
  * version it wrote. Returns pages that differ and the bytes that differ in them.
  */
 function verify(w: Loaded, versions?: Uint32Array): { mismatchedPages: number; bytesLost: number } {
-  const got = new BigUint64Array(w.pages)
+  const got = new BigUint64Array(scratch(8 * w.pages), 0, w.pages)
   hashBuffers(w.buffers, got)
-  const scratch = Buffer.alloc(PAGE_SIZE)
-  const scratchWords = new Uint32Array(scratch.buffer, scratch.byteOffset, PAGE_SIZE / 4)
+  const expectedPage = Buffer.alloc(PAGE_SIZE)
+  const expectedWords = new Uint32Array(expectedPage.buffer, expectedPage.byteOffset, PAGE_SIZE / 4)
   let mismatchedPages = 0, bytesLost = 0
   let at = 0, j = 0
   for (let b = 0; b < w.buffers.length; b++) {
@@ -193,11 +193,11 @@ function verify(w: Loaded, versions?: Uint32Array): { mismatchedPages: number; b
         continue
       }
       // a rewritten page: against the last version the writer wrote, byte by byte
-      writePage(scratchWords, 0, pageSeed(b, p, v))
+      writePage(expectedWords, 0, pageSeed(b, p, v))
       const page = Buffer.from(buf.buffer, buf.byteOffset + p * PAGE_SIZE, PAGE_SIZE)
-      if (page.equals(scratch)) continue
+      if (page.equals(expectedPage)) continue
       mismatchedPages++
-      for (let i = 0; i < PAGE_SIZE; i++) if (page[i] !== scratch[i]) bytesLost++
+      for (let i = 0; i < PAGE_SIZE; i++) if (page[i] !== expectedPage[i]) bytesLost++
     }
     at += pages
   }

@@ -32,6 +32,7 @@
 #include <utility>
 #include <vector>
 
+#include "big_alloc.h"
 #include "common.h"
 #include "pages.h"
 #include "procfs.h"
@@ -82,7 +83,7 @@ class RefTable {
     std::unique_ptr<uint32_t[]> refs;
     uint32_t live = 0;
   };
-  std::unordered_map<uint32_t, Chunk> chunks_;
+  HashMap<uint32_t, Chunk> chunks_;
 };
 
 // Punches runs of file pages that nothing maps any more, on a helper thread once a call has
@@ -329,11 +330,11 @@ class Reclaimer {
   std::mutex mu_;
   std::condition_variable cv_;    // work for the helper
   std::condition_variable done_;  // a drop is done
-  std::vector<Job> jobs_;         // guarded by mu_ while running_
+  Vec<Job> jobs_;         // guarded by mu_ while running_
   size_t next_ = 0;               // the first not taken yet, guarded by mu_
   size_t dropsFrom_ = 0;          // the first job whose drop is not reported yet (running_ only)
   uint64_t dropping_ = 0;         // pages of drops handed over and not done, guarded by mu_
-  std::vector<Job> reported_;     // drops done and not reported yet: this thread only
+  Vec<Job> reported_;     // drops done and not reported yet: this thread only
   bool closed_ = false;           // guarded by mu_
   uint64_t failed_ = 0;           // guarded by mu_ (read after the join)
 };
@@ -378,7 +379,7 @@ struct Allocation {
   uint8_t* base = nullptr;
   uint64_t pages = 0;
   int64_t own = -1;  // first arena page of its address range (and, for shared kind, of its file window)
-  std::vector<uint8_t> state;
+  Vec<uint8_t> state;
   // Where its kMerged pages map, one entry per remapped run rather than 4 bytes a page: merges
   // come as extents, so a merged 32 MiB buffer is one entry. A page is in a run iff it is kMerged.
   std::map<uint64_t, PoolRun> runs;
@@ -449,13 +450,13 @@ struct ArenaCore {
   };
   std::map<uint64_t, Drain> draining;  // ranges no allocation owns, waiting for their pool pages to go
   uint32_t nextId = 1;
-  std::unordered_map<uint32_t, std::unique_ptr<Allocation>> allocs;
-  std::unordered_map<uintptr_t, uint32_t> byBase;
+  HashMap<uint32_t, std::unique_ptr<Allocation>> allocs;
+  HashMap<uintptr_t, uint32_t> byBase;
   std::map<uint64_t, Allocation*> byOwn;  // first arena page -> allocation: whose window a file page is
   RefTable refs;
   std::mutex deferredMu;
-  std::vector<Owner*> deferred;  // buffers freed by a GC that ran inside a call on this arena
-  std::unique_ptr<uint8_t[]> bounce{new uint8_t[kBounce]};  // pool bytes read back for comparison
+  Vec<Owner*> deferred;  // buffers freed by a GC that ran inside a call on this arena
+  BigBlock<uint8_t> bounce{kBounce};  // pool bytes read back for comparison
   int64_t mappings = -1;                                     // estimate of the process's mappings
   bool dirty = true;     // the estimate has our own worst cases added since the last count
   int64_t reserved = 0;  // of which: cuts stabilize() counted for the merges onto its pool pages, not made yet
@@ -901,7 +902,7 @@ bool AllZero(const uint8_t* p, uint64_t count) {
 // page - arena page), end to end, or with a gap of pages of the same allocation between them.
 // Empty when extent i stands alone.
 template <class Get>
-void FindSpan(size_t i, size_t n, Get get, std::vector<SpanExt>* out) {
+void FindSpan(size_t i, size_t n, Get get, Vec<SpanExt>* out) {
   out->clear();
   SpanExt e;
   if (!get(i, &e)) return;
@@ -1075,7 +1076,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
 
   // Resolves every record (count at `countAt`) before anything changes: throws and returns false
   // if one is out of range; a null entry means that allocation was collected.
-  bool ResolveAll(Napi::Env env, const Extents& ex, size_t stride, size_t countAt, std::vector<Allocation*>* out) {
+  bool ResolveAll(Napi::Env env, const Extents& ex, size_t stride, size_t countAt, Vec<Allocation*>* out) {
     out->assign(ex.n, nullptr);
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * stride;
@@ -1110,7 +1111,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     ArenaLock lock(*core_);
     Busy busy(*core_);
     ArenaCore& c = *core_;
-    std::vector<Allocation*> alloc;
+    Vec<Allocation*> alloc;
     if (!ResolveAll(env, ex, 4, 2, &alloc)) return Napi::Value();
     uint64_t done = 0;
     // Punches the own pages that copies and gap pages replace; joined before the call returns.
@@ -1125,7 +1126,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
       *e = SpanExt{k, a, r[1], r[2], static_cast<uint64_t>(a->own) + r[1], r[3]};
       return true;
     };
-    std::vector<SpanExt> span;
+    Vec<SpanExt> span;
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 4;
       Allocation* a = alloc[i];
@@ -1210,7 +1211,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     ArenaLock lock(*core_);
     Busy busy(*core_);
     ArenaCore& c = *core_;
-    std::vector<Allocation*> alloc;
+    Vec<Allocation*> alloc;
     if (!ResolveAll(env, ex, 4, 3, &alloc)) return Napi::Value();
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 4;
@@ -1230,7 +1231,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
       *e = SpanExt{k, a, r[1], r[3], r[2], 0};
       return true;
     };
-    std::vector<SpanExt> span;
+    Vec<SpanExt> span;
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 4;
       Allocation* a = alloc[i];
@@ -1322,7 +1323,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     ArenaLock lock(*core_);
     Busy busy(*core_);
     ArenaCore& c = *core_;
-    std::vector<Allocation*> alloc;
+    Vec<Allocation*> alloc;
     if (!ResolveAll(env, ex, 3, 2, &alloc)) return Napi::Value();
     uint64_t done = 0;
     // Punches the own pages of extents remapped to anonymous memory while the next ones are
@@ -1381,7 +1382,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
       *e = SpanExt{k, a, r[1], r[2], static_cast<uint64_t>(a->own) + r[1], 0};  // delta 0: anonymous, any will do
       return true;
     };
-    std::vector<SpanExt> span;
+    Vec<SpanExt> span;
     for (size_t i = 0; i < ex.n; i++) {
       const uint32_t* r = ex.rec + i * 3;
       Allocation* a = alloc[i];
@@ -1459,7 +1460,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     if (!ReadExtents(info, 3, true, &ex) || !ReadBudget(info, 2, &budget)) return Napi::Value();
     ArenaLock lock(*core_);
     Busy busy(*core_);
-    std::vector<Allocation*> alloc;
+    Vec<Allocation*> alloc;
     if (!ResolveAll(env, ex, 3, 2, &alloc)) return Napi::Value();
     uint64_t done = 0;
     for (size_t i = 0; i < ex.n; i++) {
@@ -1534,12 +1535,12 @@ class Arena : public Napi::ObjectWrap<Arena> {
     }
     ArenaLock lock(*core_);
     ArenaCore& c = *core_;
-    std::vector<Allocation*> alloc;
+    Vec<Allocation*> alloc;
     if (!ResolveAll(env, ex, 3, 2, &alloc)) return Napi::Value();
     int fd = c.pagemapFd;
     if (fd < 0) return ThrowErrno(env, ENOENT, "open", "cannot open /proc/self/pagemap");
     uint64_t reaped = 0;
-    std::vector<uint64_t> entries;
+    Vec<uint64_t> entries;
     auto start = [&](size_t i) { return reinterpret_cast<uintptr_t>(alloc[i]->base + uint64_t(ex.rec[i * 3 + 1]) * kPage); };
     uintptr_t readFrom = 0, readTo = 0;  // the addresses whose entries `entries` holds
     for (size_t i = 0; i < ex.n; i++) {
@@ -1685,14 +1686,14 @@ class Arena : public Napi::ObjectWrap<Arena> {
   // of every extent (and poolOut, if given, for the ones done); returns the pages done. Nothing
   // changes unless the final mremap succeeds. The pages it frees (own pages under the span, file
   // holes the gap copies filled) are handed to `later`, which punches them after that.
-  uint64_t ApplySpan(const std::vector<SpanExt>& es, SpanKind kind, int32_t* status, uint32_t* poolOut, Reclaimer* later) {
+  uint64_t ApplySpan(const Vec<SpanExt>& es, SpanKind kind, int32_t* status, uint32_t* poolOut, Reclaimer* later) {
     ArenaCore& c = *core_;
     const bool anon = kind == kSpanZero;
     const uint64_t first = es.front().at(), pages = es.back().at() + es.back().count - first, len = pages * kPage;
     const uint64_t file = es.front().file;  // the file page that `first` will map (file spans)
     uint8_t* dst = es.front().a->base + es.front().page * kPage;
-    std::vector<uint8_t> in(pages, 0);  // 1: the page is in an extent (that matched, once verified)
-    std::vector<Allocation*> who(pages);  // whose page it is: a gap's, the extent's before it
+    Vec<uint8_t> in(pages, 0);  // 1: the page is in an extent (that matched, once verified)
+    Vec<Allocation*> who(pages);  // whose page it is: a gap's, the extent's before it
     for (size_t i = 0; i < es.size(); i++) {
       const SpanExt& e = es[i];
       const uint64_t off = e.at() - first, next = i + 1 < es.size() ? es[i + 1].at() - first : pages;
@@ -1701,7 +1702,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
     }
     // A private write to a file hole allocates it in the file: the gap copies below do that to file
     // pages that hold nothing, which are punched again once the staging mapping is gone.
-    std::vector<uint64_t> holes;
+    Vec<uint64_t> holes;
     for (uint64_t k = 0; k < pages && !anon; k++)
       if (!in[k] && !c.FileLive(file + k)) holes.push_back(file + k);
     auto punchHoles = [&] {  // no mapping uses them once the staging mapping is gone or moved

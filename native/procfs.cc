@@ -2,6 +2,7 @@
 #include "procfs.h"
 
 #include <fcntl.h>
+#include <malloc.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -18,10 +19,12 @@ namespace pm {
 int64_t CountMappings() {
   int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
   if (fd < 0) return -errno;
-  std::vector<char> buf(1 << 18);
+  // On the stack: a heap block this large would be mmapped by malloc, and freeing one raises
+  // glibc's mmap and trim thresholds for the whole process (then no thread's heap gives back its top).
+  char buf[1 << 16];
   int64_t lines = 0;
   for (;;) {
-    ssize_t n = read(fd, buf.data(), buf.size());
+    ssize_t n = read(fd, buf, sizeof buf);
     if (n < 0) {
       if (errno == EINTR) continue;
       int e = errno;
@@ -29,7 +32,7 @@ int64_t CountMappings() {
       return -e;
     }
     if (n == 0) break;
-    for (const char* p = buf.data(); (p = static_cast<const char*>(memchr(p, '\n', buf.data() + n - p)));) {
+    for (const char* p = buf; (p = static_cast<const char*>(memchr(p, '\n', buf + n - p)));) {
       lines++;
       p++;
     }
@@ -120,6 +123,10 @@ Napi::Value MappedBuffer(const Napi::CallbackInfo& info) {
   return Napi::Value(env, NewSharedArrayBuffer(env, p, bytes, Unmap, nullptr));
 }
 
+// Gives the C heaps' free pages back to the OS: glibc keeps what threads freed (the JIT's
+// compiler threads free MiBs of zone memory after compiling a merge's code), and the OS counts it.
+Napi::Value TrimHeap(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), malloc_trim(0) != 0); }
+
 }  // namespace
 
 void InitProcfs(Napi::Env env, Napi::Object exports) {
@@ -128,6 +135,7 @@ void InitProcfs(Napi::Env env, Napi::Object exports) {
   exports.Set("pagemap", Napi::Function::New(env, Pagemap, "pagemap"));
   exports.Set("addressOf", Napi::Function::New(env, AddressOf, "addressOf"));
   exports.Set("mappedBuffer", Napi::Function::New(env, MappedBuffer, "mappedBuffer"));
+  exports.Set("trimHeap", Napi::Function::New(env, TrimHeap, "trimHeap"));
 }
 
 }  // namespace pm
