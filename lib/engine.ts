@@ -514,7 +514,6 @@ export class Engine {
     if (this.scratch.status.length > 256) (this.scratch.status = new Int32Array(256)), (this.scratch.outPool = new Uint32Array(256))
     this.shardTables = this.shardTables.map((t) => (t.length > SHARD_FIELDS * 64 ? new Float64Array(new SharedArrayBuffer(8 * SHARD_FIELDS * 64)) : t))
     this.unstable.reset(0)
-    this.native.trimHeap()
   }
 
   /**

@@ -113,8 +113,6 @@ export interface NativeBinding {
   pagemap(buffer: Bytes, firstPage: number, count: number, out: BigUint64Array): number
   /** Zeroed bytes in a private anonymous mapping of their own, unmapped when V8 frees the buffer. */
   mappedBuffer(bytes: number): SharedArrayBuffer
-  /** malloc_trim(0): every thread's C heap gives its free pages back to the OS; true if any were. */
-  trimHeap(): boolean
   /** Where the buffer's bytes are mapped (to match /proc/self/smaps ranges). */
   addressOf(buffer: Bytes): bigint
   Arena: new (reserveBytes?: number) => NativeArena

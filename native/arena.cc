@@ -330,11 +330,11 @@ class Reclaimer {
   std::mutex mu_;
   std::condition_variable cv_;    // work for the helper
   std::condition_variable done_;  // a drop is done
-  Vec<Job> jobs_;         // guarded by mu_ while running_
+  Vec<Job> jobs_;                 // guarded by mu_ while running_
   size_t next_ = 0;               // the first not taken yet, guarded by mu_
   size_t dropsFrom_ = 0;          // the first job whose drop is not reported yet (running_ only)
   uint64_t dropping_ = 0;         // pages of drops handed over and not done, guarded by mu_
-  Vec<Job> reported_;     // drops done and not reported yet: this thread only
+  Vec<Job> reported_;             // drops done and not reported yet: this thread only
   bool closed_ = false;           // guarded by mu_
   uint64_t failed_ = 0;           // guarded by mu_ (read after the join)
 };
@@ -457,7 +457,7 @@ struct ArenaCore {
   std::mutex deferredMu;
   Vec<Owner*> deferred;  // buffers freed by a GC that ran inside a call on this arena
   BigBlock<uint8_t> bounce{kBounce};  // pool bytes read back for comparison
-  int64_t mappings = -1;                                     // estimate of the process's mappings
+  int64_t mappings = -1;  // estimate of the process's mappings
   bool dirty = true;     // the estimate has our own worst cases added since the last count
   int64_t reserved = 0;  // of which: cuts stabilize() counted for the merges onto its pool pages, not made yet
   std::chrono::steady_clock::time_point counted;

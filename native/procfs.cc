@@ -2,7 +2,6 @@
 #include "procfs.h"
 
 #include <fcntl.h>
-#include <malloc.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -123,10 +122,6 @@ Napi::Value MappedBuffer(const Napi::CallbackInfo& info) {
   return Napi::Value(env, NewSharedArrayBuffer(env, p, bytes, Unmap, nullptr));
 }
 
-// Gives the C heaps' free pages back to the OS: glibc keeps what threads freed (the JIT's
-// compiler threads free MiBs of zone memory after compiling a merge's code), and the OS counts it.
-Napi::Value TrimHeap(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), malloc_trim(0) != 0); }
-
 }  // namespace
 
 void InitProcfs(Napi::Env env, Napi::Object exports) {
@@ -135,7 +130,6 @@ void InitProcfs(Napi::Env env, Napi::Object exports) {
   exports.Set("pagemap", Napi::Function::New(env, Pagemap, "pagemap"));
   exports.Set("addressOf", Napi::Function::New(env, AddressOf, "addressOf"));
   exports.Set("mappedBuffer", Napi::Function::New(env, MappedBuffer, "mappedBuffer"));
-  exports.Set("trimHeap", Napi::Function::New(env, TrimHeap, "trimHeap"));
 }
 
 }  // namespace pm
