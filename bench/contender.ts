@@ -19,7 +19,8 @@ import { PageMerger } from '../lib/page-merger'
 import { meminfo, smapsRollup } from '../lib/procfs'
 import type { Stats } from '../lib/engine'
 import { gcRounds, limitBuffer, median, readHalves, threadCpuNs } from './common'
-import { hashBuffers, loadWorkload, pageSeed, roundUp, scratch, VOLATILE_EVERY, writePage, type Ideal, type Loaded, type WorkloadName } from './workloads'
+import { hashBuffers, loadWorkload, pageSeed, roundUp, VOLATILE_EVERY, writePage, type Ideal, type Loaded, type WorkloadName } from './workloads'
+import { sharedBytes } from '../lib/tables'
 
 export type ContenderKind = 'limit' | 'pm-now' | 'pm-bg' | 'ksmd'
 
@@ -176,7 +177,7 @@ function snapshot(): Snapshot {
  * version it wrote. Returns pages that differ and the bytes that differ in them.
  */
 function verify(w: Loaded, versions?: Uint32Array): { mismatchedPages: number; bytesLost: number } {
-  const got = new BigUint64Array(scratch(8 * w.pages), 0, w.pages)
+  const got = new BigUint64Array(sharedBytes(8 * w.pages))
   hashBuffers(w.buffers, got)
   const expectedPage = Buffer.alloc(PAGE_SIZE)
   const expectedWords = new Uint32Array(expectedPage.buffer, expectedPage.byteOffset, PAGE_SIZE / 4)

@@ -31,7 +31,8 @@ import { resolveOptions } from '../lib/options'
 import { loadNative, PAGE_SIZE } from '../lib/native'
 import { smapsRollup } from '../lib/procfs'
 import { gcRounds, MiB } from './common'
-import { hashBuffers, loadWorkload, scratch, WORKLOAD_NAMES, type WorkloadName } from './workloads'
+import { hashBuffers, loadWorkload, WORKLOAD_NAMES, type WorkloadName } from './workloads'
+import { sharedBytes } from '../lib/tables'
 
 const CHECKPOINTS = ['before', 'merged', 'read', 'after'] as const
 type Checkpoint = (typeof CHECKPOINTS)[number]
@@ -91,7 +92,7 @@ async function child(workload: WorkloadName, bytes: number): Promise<void> {
   const s = await engine.mergeNow(process.env.PSS_GAP_PROGRESS ? { onProgress: (p) => process.send!({ progress: p.pagesSharing }) } : {})
   counted = { pagesSharing: s.pagesSharing, zeroPages: s.zeroPages, pagesShared: s.pagesShared, pagesSkippedBudget: s.pagesSkippedBudget, metadataBytesPerPage: s.metadataBytesPerPage, pagesTracked: s.pagesTracked }
   await say('merged')
-  hashBuffers(w.buffers, new BigUint64Array(scratch(8 * w.pages), 0, w.pages)) // what the bench's verify() reads
+  hashBuffers(w.buffers, new BigUint64Array(sharedBytes(8 * w.pages))) // what the bench's verify() reads
   await say('read')
   await gcRounds(3, 'bench')
   await say('after')

@@ -7,6 +7,7 @@
 import { closeSync, existsSync, openSync, readdirSync, readSync, statSync } from 'node:fs'
 import { dirname, join, resolve } from 'node:path'
 import { loadNative, PAGE_SIZE } from '../lib/native'
+import { sharedBytes } from '../lib/tables'
 import { fillRandom, MiB } from './common'
 
 export const WORKLOAD_NAMES = ['clones', 'scattered', 'sparse', 'files', 'volatile'] as const
@@ -25,16 +26,6 @@ const SPARSE_BUFFER = 32 * MiB
 
 /** Seeds: one per workload, so that two workloads never share contents by accident. */
 const SEED = { clones: 0x1000, scatteredFixed: 0x200000, scatteredUnique: 0x300001, sparse: 0x400001, volatile: 0x5eed } as const
-
-/**
- * Scratch memory of the measured process that is not the workload's: mapped for itself, not
- * malloc'd. Freeing a large malloc'd block raises glibc's trim threshold for the whole process,
- * after which the JIT's compiler threads keep the memory they free, and the OS would count that
- * against the merge being measured (scattered: 9 MiB, after the 4 MiB of its fixed contents).
- */
-export function scratch(bytes: number): SharedArrayBuffer {
-  return loadNative().mappedBuffer(Math.max(bytes, 1))
-}
 
 /** Allocates `bytes` of page-aligned memory and returns a view of all its pages (from byte 0). */
 export type Allocate = (bytes: number) => Uint8Array
@@ -98,7 +89,7 @@ export function loadWorkload(name: WorkloadName, bytes: number, allocate: Alloca
       break
   }
   const total = buffers.reduce((n, b) => n + b.byteLength / PAGE_SIZE, 0)
-  const expected = new BigUint64Array(scratch(8 * total), 0, total)
+  const expected = new BigUint64Array(sharedBytes(8 * total))
   hashBuffers(buffers, expected)
   const ideal = idealOf(expected, name === 'volatile' ? volatileMask(buffers) : undefined)
   if (designed !== undefined) {
@@ -153,7 +144,7 @@ function fillClones(buffers: Uint8Array[], bytes: number, allocate: Allocate): v
 /** 1 for the pages that keep their contents in `volatile`, 0 for those the application rewrites. */
 export function volatileMask(buffers: Uint8Array[]): Uint8Array {
   const total = buffers.reduce((n, b) => n + b.byteLength / PAGE_SIZE, 0)
-  const mask = new Uint8Array(scratch(total), 0, total).fill(1)
+  const mask = new Uint8Array(sharedBytes(total)).fill(1)
   let at = 0
   for (const b of buffers) {
     const n = b.byteLength / PAGE_SIZE
@@ -190,7 +181,7 @@ export function writePage(words: Uint32Array, first: number, seed: number): void
 /** Even pages: one of SCATTERED_CONTENTS fixed contents, chosen by a hash of the page number; odd pages unique. */
 function fillScattered(buf: Uint8Array): Uint8Array {
   fillRandom(buf, SEED.scatteredUnique) // one xorshift stream: every page unique (its period is 2^32 - 1 words)
-  const fixed = fillRandom(new Uint8Array(scratch(SCATTERED_CONTENTS * PAGE_SIZE)), SEED.scatteredFixed)
+  const fixed = fillRandom(new Uint8Array(sharedBytes(SCATTERED_CONTENTS * PAGE_SIZE)), SEED.scatteredFixed)
   const pages = buf.byteLength / PAGE_SIZE
   for (let p = 0, k = 0; p < pages; p += 2, k++) {
     // the first SCATTERED_CONTENTS even pages take each content once, so that all are present

@@ -24,8 +24,9 @@ const OWN_MAPPING_BYTES = 64 * 1024
  * own (the addon's mappedBuffer) rather than malloc'd by V8: glibc raises its mmap threshold to
  * the largest block freed (up to 32 MiB), so after an application has freed one large buffer, the
  * MiBs that a merge's arrays grow to and give back stay in the C heap, and the OS counts them
- * against what the merge freed (scattered at 1 GiB: 5 MiB). A mapping of their own is unmapped
- * when V8 frees the buffer.
+ * against what the merge freed (scattered at 1 GiB: 5 MiB); and freeing one raises the trim
+ * threshold, after which other threads' heaps keep what they free (native/big_alloc.h). A mapping
+ * of their own is unmapped when V8 frees the buffer. The bench's own large arrays come from here too.
  */
 export function sharedBytes(bytes: number): SharedArrayBuffer {
   return bytes < OWN_MAPPING_BYTES ? new SharedArrayBuffer(bytes) : loadNative().mappedBuffer(bytes)
