@@ -25,7 +25,7 @@ import { parseArgs } from 'node:util'
 import { defaultMapBudget } from '../lib/budget'
 import { loadNative, NativeArena, PAGE_SIZE, Status } from '../lib/native'
 import { smapsRollup } from '../lib/procfs'
-import { cpuTime, fillRandom, gcUntil, GB, GiB, integerOption, limitBuffer, machine, machineLine, MiB, pagesOf, printTable, readHalves, series, Series, seriesJson, time, type Row } from './common'
+import { cpuTime, fillRandom, gcUntil, GB, GiB, integerOption, limitBuffer, machine, machineLine, mismatchedHashes, MiB, pagesOf, printTable, readHalves, series, Series, seriesJson, time, type Row } from './common'
 
 const native = loadNative()
 const HALF = 512 * MiB // each buffer of the merged pair, and each half of the limit buffer
@@ -74,9 +74,7 @@ function hashAll(buf: Uint8Array): BigUint64Array {
 }
 
 function sameHashes(a: BigUint64Array, b: BigUint64Array): boolean {
-  if (a.length !== b.length) return false
-  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false
-  return true
+  return a.length === b.length && mismatchedHashes(a, b) === 0
 }
 
 function check(what: string, done: number, want: number, status: Int32Array): void {

@@ -18,7 +18,7 @@ import { loadNative, PAGE_SIZE } from '../lib/native'
 import { PageMerger } from '../lib/page-merger'
 import { meminfo, smapsRollup } from '../lib/procfs'
 import type { Stats } from '../lib/engine'
-import { gcRounds, limitBuffer, median, readHalves, threadCpuNs } from './common'
+import { gcRounds, hashDiffers, hashWords, limitBuffer, median, readHalves, threadCpuNs } from './common'
 import { hashBuffers, loadWorkload, pageSeed, roundUp, VOLATILE_EVERY, writePage, type Ideal, type Loaded, type WorkloadName } from './workloads'
 import { sharedBytes } from '../lib/tables'
 
@@ -179,6 +179,7 @@ function snapshot(): Snapshot {
 function verify(w: Loaded, versions?: Uint32Array): { mismatchedPages: number; bytesLost: number } {
   const got = new BigUint64Array(sharedBytes(8 * w.pages))
   hashBuffers(w.buffers, got)
+  const gotWords = hashWords(got), expectedHashes = hashWords(w.expected)
   const expectedPage = Buffer.alloc(PAGE_SIZE)
   const expectedWords = new Uint32Array(expectedPage.buffer, expectedPage.byteOffset, PAGE_SIZE / 4)
   let mismatchedPages = 0, bytesLost = 0
@@ -190,7 +191,7 @@ function verify(w: Loaded, versions?: Uint32Array): { mismatchedPages: number; b
       const rewritten = versions !== undefined && p % VOLATILE_EVERY === VOLATILE_EVERY - 1
       const v = rewritten ? versions[j++]! : 0
       if (v === 0) {
-        if (got[at + p] !== w.expected[at + p]) (mismatchedPages++), (bytesLost += PAGE_SIZE) // the generator's bytes are not kept: count the whole page
+        if (hashDiffers(gotWords, expectedHashes, at + p)) (mismatchedPages++), (bytesLost += PAGE_SIZE) // the generator's bytes are not kept: count the whole page
         continue
       }
       // a rewritten page: against the last version the writer wrote, byte by byte

@@ -23,7 +23,7 @@ import { loadNative, PAGE_SIZE } from '../lib/native'
 import { PageMerger } from '../lib/page-merger'
 import type { Stats } from '../lib/engine'
 import { meminfo, smapsRollup } from '../lib/procfs'
-import { fillRandom, gcRounds, gcUntil, GiB, integerOption, limitBuffer, machine, machineLine, MiB, pagesOf, printTable, readHalves, series, Series, seriesJson, time, type Row } from './common'
+import { fillRandom, gcRounds, gcUntil, GiB, integerOption, limitBuffer, machine, machineLine, mismatchedHashes, MiB, pagesOf, printTable, readHalves, series, Series, seriesJson, time, type Row } from './common'
 
 const native = loadNative()
 const BLOB = 32 * MiB // each blob of random bytes, present in two buffers
@@ -147,12 +147,6 @@ function hashInto(buffers: Buffer[], out: BigUint64Array): void {
   buffers.forEach((b, i) => native.hashPages(b, 0, per, out, i * per))
 }
 
-function mismatches(want: BigUint64Array, got: BigUint64Array): number {
-  let n = 0
-  for (let i = 0; i < want.length; i++) if (want[i] !== got[i]) n++
-  return n
-}
-
 /** Waits until V8 has collected every buffer of the closed `pm` (its finalizers untrack them as their memory goes). */
 async function collect(pm: PageMerger): Promise<void> {
   if (!(await gcUntil(() => pm.stats().pagesTracked === 0, 'bench:scanner'))) throw new Error('buffers were not collected; refusing to allocate more')
@@ -178,7 +172,7 @@ async function measureClones(bytes: number, seed: number): Promise<PageMerger> {
   // A merge remaps pages, and Pss counts a page only once it is mapped again: read every buffer
   // back (which checks every page against its hash before merging) before asking the OS.
   m.readBackMs.push(time(() => hashInto(buffers, got)))
-  m.mismatches.push(mismatches(want, got))
+  m.mismatches.push(mismatchedHashes(want, got))
   const after = smapsRollup()
   const pssAfter = after.Pss
   m.pssShmemFreed.push((before.Pss_Shmem ?? 0) - (after.Pss_Shmem ?? 0))
@@ -231,7 +225,7 @@ async function measureBackground(bytes: number, seed: number): Promise<PageMerge
   m.bgCpuUsPerPage.push(cpuUs / stats.pagesScanned)
   const got = new BigUint64Array(want.length)
   hashInto(buffers, got)
-  m.bgMismatches.push(mismatches(want, got))
+  m.bgMismatches.push(mismatchedHashes(want, got))
   return pm
 }
 
