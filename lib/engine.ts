@@ -128,8 +128,12 @@ interface Region {
   domain: number
 }
 
-/** Marks a stable page's pool number as provisional: its run has not been made yet (pool pages stay below 2^31). */
-const PROVISIONAL = 0x80000000
+/**
+ * Marks a stable page's pool number as provisional: its run has not been made yet. Bit 30, not
+ * 31, so that a marked number is still a small integer (see PageArrays); pool pages stay below
+ * 2^30 (4 TiB of stable pages), and a number misread would only fail the byte comparison.
+ */
+const PROVISIONAL = 0x40000000
 /** Pages surveyed at once (32 MiB): a window's pagemap read costs tens of µs, and divides a mergeNow() batch. */
 const SURVEY_PAGES = 8192
 
@@ -166,9 +170,12 @@ const KSMD_MAX_SCANS = 12
  * Per-page state, indexed by slot, in SharedArrayBuffers so workers can fill it: 9 bytes a page.
  * `words` holds two 32-bit words per page: its key (hash XOR domain mix) while it is not merged,
  * and (stable node, 0) once it is, since a merged page is not hashed and its key is its node's.
+ * Int32, as are the stable nodes' keys and domain mixes: a word read as uint32 is a heap number
+ * half the time (2^31 and up) wherever V8 has not optimized the code or passes it to a call, and
+ * a first merge of 1 GiB made MiBs of such garbage, which grew the young generation.
  */
 class PageArrays {
-  words = new Uint32Array(new SharedArrayBuffer(8 * 1024))
+  words = new Int32Array(new SharedArrayBuffer(8 * 1024))
   flags = new Uint8Array(new SharedArrayBuffer(1024))
 
   get capacity(): number {
@@ -176,7 +183,7 @@ class PageArrays {
   }
 
   grow(capacity: number): void {
-    const words = new Uint32Array(sharedBytes(8 * capacity))
+    const words = new Int32Array(sharedBytes(8 * capacity))
     words.set(this.words)
     const flags = new Uint8Array(sharedBytes(capacity))
     flags.set(this.flags)
@@ -271,7 +278,7 @@ export class Engine {
     this.options = options
     this.unstable.words = this.pages.words
     const z = new BigUint64Array([this.native.ZERO_PAGE_HASH])
-    const w = new Uint32Array(z.buffer)
+    const w = new Int32Array(z.buffer)
     this.zero = { lo: w[0]!, hi: w[1]! }
   }
 
@@ -854,7 +861,7 @@ export class Engine {
     // Unstable entries that can no longer pair: merged (their words hold a node), pending, dropped;
     // and a slot that is not HASHED belongs to no page now (its buffer was collected, the slot freed).
     const busy = Flag.MERGED | Flag.PENDING | Flag.ZERO
-    const zeroLo = (zero.lo ^ sh.mixLo) >>> 0, zeroHi = (zero.hi ^ sh.mixHi) >>> 0
+    const zeroLo = zero.lo ^ sh.mixLo, zeroHi = zero.hi ^ sh.mixHi
     for (let k = 0; k < sh.count; k++) {
       const s = sh.slot + k, bi = sh.batchIndex + k
       const f = flags[s]!

@@ -41,7 +41,7 @@ export interface Shard {
 /** Read-only snapshot of the stable table that workers search. */
 export interface StableView {
   table: SharedArrayBuffer // Int32Array: node + 1, or 0 for empty
-  keyLo: SharedArrayBuffer // Uint32Array per node
+  keyLo: SharedArrayBuffer // Int32Array per node
   keyHi: SharedArrayBuffer
   secret: number
 }
@@ -59,7 +59,7 @@ export interface HashTask {
   shards: SharedArrayBuffer
   from: number
   to: number
-  /** Per slot, the page's key: its xxh3-64 XOR its domain's mix, as (lo, hi) 32-bit words. */
+  /** Per slot, the page's key: its xxh3-64 XOR its domain's mix, as (lo, hi) 32-bit words (Int32Array). */
   keys: SharedArrayBuffer
   flags: SharedArrayBuffer // Uint8Array per slot
   candidates: SharedArrayBuffer // Int32Array per batch page: stable node or -1
@@ -74,10 +74,11 @@ export interface HashResult {
 /**
  * What a domain XORs into its pages' hashes. Each half is an odd multiple of the domain number,
  * so two domains never give the same content the same key; and a key that matches across
- * domains by chance is still refused by the byte comparison before any merge.
+ * domains by chance is still refused by the byte comparison before any merge. Int32, like
+ * every key word (see PageArrays in lib/engine.ts).
  */
 export function domainMix(domain: number): { lo: number; hi: number } {
-  return { lo: Math.imul(domain, 0x9e3779b1) >>> 0, hi: Math.imul(domain, 0x85ebca6b) >>> 0 }
+  return { lo: Math.imul(domain, 0x9e3779b1), hi: Math.imul(domain, 0x85ebca6b) }
 }
 
 /**
@@ -85,5 +86,5 @@ export function domainMix(domain: number): { lo: number; hi: number } {
  * with a per-engine secret, so that pages crafted to share low hash bits do not pile up.
  */
 export function probeStart(keyLo: number, secret: number, bits: number): number {
-  return Math.imul((keyLo ^ secret) >>> 0, 0x9e3779b1) >>> (32 - bits)
+  return Math.imul(keyLo ^ secret, 0x9e3779b1) >>> (32 - bits)
 }

@@ -48,7 +48,7 @@ abstract class Table {
   bits: number
   /** Entries in the table. */
   size = 0
-  readonly secret = randomInt(2 ** 32 - 1)
+  readonly secret = randomInt(2 ** 32 - 1) | 0 // int32, as the keys it mixes with
 
   constructor(bits = MIN_BITS) {
     this.bits = bits
@@ -131,8 +131,9 @@ abstract class Table {
 
 /** The stable pages: one node per pool page that pages are merged onto. */
 export class StableNodes extends Table {
-  keyLo = sabUint32(1024)
-  keyHi = sabUint32(1024)
+  /** Each node's key, as Int32 words like the pages' (see PageArrays in lib/engine.ts). */
+  keyLo = sabInt32(1024)
+  keyHi = sabInt32(1024)
   pool = sabUint32(1024)
   /** Pages mapping each node, planned ones included (maxPageSharing ≤ 65535 keeps it in 16 bits). */
   sharers: Uint16Array<ArrayBufferLike> = new Uint16Array(1024)
@@ -226,14 +227,14 @@ export class StableNodes extends Table {
   }
 
   private grow(capacity: number): void {
-    const copy = (a: Uint32Array) => {
-      const b = sabUint32(capacity)
+    const copy = <T extends Int32Array | Uint32Array>(a: T, make: (n: number) => T): T => {
+      const b = make(capacity)
       b.set(a)
       return b
     }
-    this.keyLo = copy(this.keyLo)
-    this.keyHi = copy(this.keyHi)
-    this.pool = copy(this.pool)
+    this.keyLo = copy(this.keyLo, sabInt32)
+    this.keyHi = copy(this.keyHi, sabInt32)
+    this.pool = copy(this.pool, sabUint32)
     const sharers = new Uint16Array(sharedBytes(2 * capacity))
     sharers.set(this.sharers)
     this.sharers = sharers
@@ -250,7 +251,7 @@ export class StableNodes extends Table {
  */
 export class UnstableTable extends Table {
   /** Page keys, as (lo, hi) words per slot: the page arrays' own. */
-  words: Uint32Array<ArrayBufferLike> = new Uint32Array(0)
+  words: Int32Array<ArrayBufferLike> = new Int32Array(0)
 
   protected lo(slot: number): number {
     return this.words[2 * slot]!

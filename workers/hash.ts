@@ -36,8 +36,8 @@ const meta = new Float64Array(4 * CHUNK)
 export default function hash(task: HashTask): HashResult {
   let hashes = wide.get(task.keys) // a second view of the same bytes as `words`
   if (!hashes) wide.set(task.keys, (hashes = new BigUint64Array(task.keys)))
-  // Int32 views of the keys: every value stays a small integer, never a heap number, even before
-  // the loop is optimized (the engine writes and reads the same bits through Uint32 views)
+  // Int32 views of the keys, as the engine's: every value stays a small integer, never a heap
+  // number, even before the loop is optimized
   const words = view(task.keys, Int32Array)
   const flags = view(task.flags, Uint8Array)
   const candidates = view(task.candidates, Int32Array)
@@ -53,15 +53,17 @@ export default function hash(task: HashTask): HashResult {
   const flush = () => {
     if (n > 0) native.hashRuns(runs, n, hashes)
     for (let j = 0; j < n; j++)
-      settle(words, flags, previous, meta[4 * j + 3]!, candidates, table, nodeLo, nodeHi, runs[4 * j + 3]!, meta[4 * j]!, runs[4 * j + 2]!, meta[4 * j + 1]!, meta[4 * j + 2]!, secret, bits, mask)
+      settle(words, flags, previous, meta[4 * j + 3]! | 0, candidates, table, nodeLo, nodeHi, runs[4 * j + 3]! | 0, meta[4 * j]! | 0, runs[4 * j + 2]! | 0, meta[4 * j + 1]! | 0, meta[4 * j + 2]! | 0, secret, bits, mask)
     hashed += saved
     n = saved = 0
   }
   // The runs of pages to hash (up to a page to skip, a shard's end or a full chunk), their old keys saved ...
   for (let r = task.from; r < task.to; r++) {
     const o = r * SHARD_FIELDS
-    const address = shards[o]!, firstPage = shards[o + 1]!, count = shards[o + 2]!, slot = shards[o + 3]!
-    const batchIndex = shards[o + 4]!, mixLo = shards[o + 5]!, mixHi = shards[o + 6]!
+    // all but the address as small integers: a number read from a Float64Array is a double, and
+    // arithmetic on it (slot + k) makes a heap number per page wherever V8 has not optimized the loop
+    const address = shards[o]!, firstPage = shards[o + 1]! | 0, count = shards[o + 2]! | 0, slot = shards[o + 3]! | 0
+    const batchIndex = shards[o + 4]! | 0, mixLo = shards[o + 5]! | 0, mixHi = shards[o + 6]! | 0
     candidates.fill(-1, batchIndex, batchIndex + count) // the answer for pages not hashed
     for (let i = skipped(flags, slot, count); i < count; ) {
       const k = Math.min(toHash(flags, slot + i, count - i), CHUNK - saved)
