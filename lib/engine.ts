@@ -11,7 +11,7 @@ import { error, ErrorCode, isOptionsObject, rangeError, systemError, typeError }
 import { loadNative, NO_POOL, PAGE_SIZE, PageState, Status, type NativeArena, type NativeBinding } from './native'
 import type { ResolvedOptions } from './options'
 import { KernelKsm, type ProcessKsm } from './kernel'
-import { domainMix, Flag, SHARD_FIELDS, type HashTask, type Shard } from './protocol'
+import { Flag, mixHi, mixLo, Shard, SHARD_FIELDS, type HashTask } from './protocol'
 import { sharedBytes, StableNodes, U32List, UnstableTable } from './tables'
 import hashShards from '../workers/hash'
 
@@ -104,9 +104,14 @@ export interface BufferStats {
 
 /** One batch of pages: the shards, the regions and buffers it holds alive, where its candidates go. */
 interface Batch {
-  shards: Shard[]
+  /** Its shards: `n` records of SHARD_FIELDS numbers (protocol's Shard), in the engine's table for `which`. */
+  shards: Int32Array
+  n: number
+  /** Which of the engine's two sets of batch arrays (shards, candidates, task table) it uses. */
+  which: number
+  /** Per shard, its region, and its buffer, held strongly until the batch is hashed (the engine's arrays for `which`). */
   held: Region[]
-  buffers: SharedArrayBuffer[]
+  buffers: (SharedArrayBuffer | undefined)[]
   pages: number
   /** This batch ends a full scan. */
   wrapped: boolean
@@ -119,8 +124,9 @@ interface Region {
   /** The arena's id for the allocation. */
   id: number
   ref: WeakRef<SharedArrayBuffer>
-  /** Where its bytes are mapped (fixed for its life): asked once, not as a bigint per shard of every batch. */
-  address: number
+  /** Where its bytes are mapped (fixed for its life), as two 32-bit words: asked once, not as a bigint per shard of every batch. */
+  addressLo: number
+  addressHi: number
   pages: number
   /** First slot in the page arrays. */
   slot: number
@@ -134,7 +140,7 @@ interface Region {
  * 2^30 (4 TiB of stable pages), and a number misread would only fail the byte comparison.
  */
 const PROVISIONAL = 0x40000000
-/** Pages surveyed at once (32 MiB): a window's pagemap read costs tens of µs, and divides a mergeNow() batch. */
+/** Pages surveyed at once (32 MiB; a power of two): a window's pagemap read costs tens of µs, and divides a mergeNow() batch. */
 const SURVEY_PAGES = 8192
 
 /** Actions planned for the pages of one batch. */
@@ -245,8 +251,15 @@ export class Engine {
   private readonly zero: { lo: number; hi: number }
   /** Two candidate arrays: in mergeNow() the workers hash one batch while the next is processed. */
   private candidates = [0, 1].map(() => new Int32Array(sharedBytes(4 * MERGE_NOW_BATCH)))
-  /** The shard tables the hash tasks read (SHARD_FIELDS numbers per shard), one per candidate array, grown as needed. */
-  private shardTables = [0, 1].map(() => new Float64Array(new SharedArrayBuffer(8 * SHARD_FIELDS * 64)))
+  /** The batches' shard records, one table per candidate array, grown as needed. */
+  private batchShards: Int32Array<ArrayBufferLike>[] = [0, 1].map(() => new Int32Array(SHARD_FIELDS * 64))
+  /**
+   * The batches' arrays of regions and buffers, one pair per candidate array, reused: as fresh
+   * arrays per batch, their growth was most of a merge's garbage with many small buffers.
+   */
+  private holds = [0, 1].map(() => ({ regions: [] as Region[], buffers: [] as (SharedArrayBuffer | undefined)[] }))
+  /** The shard tables the hash tasks read: the batch's records cut into each task's share. */
+  private shardTables = [0, 1].map(() => new Int32Array(new SharedArrayBuffer(4 * SHARD_FIELDS * 64)))
   private flip = 0
   /** Batches being hashed: slots of buffers dropped meanwhile wait in freedInBatch. */
   private hashing = 0
@@ -301,7 +314,8 @@ export class Engine {
     if (this.byId.has(id)) return
     const pages = sab.byteLength / PAGE_SIZE
     const slot = this.takeSlots(pages)
-    const region: Region = { id, ref: new WeakRef(sab), address: Number(this.native.addressOf(sab)), pages, slot, domainKey: domain, domain: this.domainNumber(domain) }
+    const address = this.native.addressOf(sab)
+    const region: Region = { id, ref: new WeakRef(sab), addressLo: Number(address & 0xffffffffn) | 0, addressHi: Number(address >> 32n), pages, slot, domainKey: domain, domain: this.domainNumber(domain) }
     this.pages.flags.fill(0, slot, slot + pages)
     const at = this.regionIndex(slot)
     this.regions.splice(at, 0, region)
@@ -359,11 +373,6 @@ export class Engine {
     let n = this.domains.get(key)
     if (n === undefined) this.domains.set(key, (n = this.domains.size))
     return n
-  }
-
-  /** What the region's domain XORs into its page keys (nothing when domains may mix). */
-  private mixOf(r: Region): { lo: number; hi: number } {
-    return domainMix(this.options.mergeAcrossDomains ? 0 : r.domain)
   }
 
   private takeSlots(pages: number): number {
@@ -519,7 +528,8 @@ export class Engine {
     for (const list of Object.values(this.lists)) list.release()
     if (this.scratch.extents.length > 1024) this.scratch.extents = new Uint32Array(1024)
     if (this.scratch.status.length > 256) (this.scratch.status = new Int32Array(256)), (this.scratch.outPool = new Uint32Array(256))
-    this.shardTables = this.shardTables.map((t) => (t.length > SHARD_FIELDS * 64 ? new Float64Array(new SharedArrayBuffer(8 * SHARD_FIELDS * 64)) : t))
+    this.shardTables = this.shardTables.map((t) => (t.length > SHARD_FIELDS * 64 ? new Int32Array(new SharedArrayBuffer(4 * SHARD_FIELDS * 64)) : t))
+    this.batchShards = this.batchShards.map((t) => (t.length > SHARD_FIELDS * 64 ? new Int32Array(SHARD_FIELDS * 64) : t))
     this.unstable.reset(0)
   }
 
@@ -666,14 +676,6 @@ export class Engine {
     this.unstable.reset(this.slotTop - this.sharersTotal - this.c.zeroPages) // only unmerged pages can enter it
   }
 
-  /** Scans up to `max` pages from the cursor; true when that finished a full scan. */
-  private async batch(max: number, mergeNow: boolean): Promise<boolean> {
-    const b = this.begin(max, true)
-    await b.hashed
-    this.process(b, mergeNow)
-    return b.wrapped
-  }
-
   /**
    * Takes up to `max` pages from the cursor, surveys them, and starts hashing them (with a share
    * for this thread when `share`). Holds each buffer strongly until the batch is done: workers
@@ -685,7 +687,10 @@ export class Engine {
       this.plan = new Uint8Array(sharedBytes(max))
       this.planNode = new Int32Array(sharedBytes(4 * max))
     }
-    const b: Batch = { shards: [], held: [], buffers: [], pages: 0, wrapped: false, candidates: this.candidates[(this.flip ^= 1)]! }
+    const which = (this.flip ^= 1)
+    const { regions: held, buffers } = this.holds[which]!
+    const b: Batch = { shards: this.batchShards[which]!, n: 0, which, held, buffers, pages: 0, wrapped: false, candidates: this.candidates[which]! }
+    const across = this.options.mergeAcrossDomains // no domain's mix in the keys
     while (b.pages < max && this.regions.length > 0) {
       if (this.cursor.region >= this.regions.length) break
       const r = this.regions[this.cursor.region]!
@@ -698,10 +703,18 @@ export class Engine {
       }
       const count = Math.min(max - b.pages, r.pages - this.cursor.page)
       if (count > 0) {
-        const mix = this.mixOf(r)
-        b.shards.push({ address: r.address, firstPage: this.cursor.page, count, slot: r.slot + this.cursor.page, batchIndex: b.pages, mixLo: mix.lo, mixHi: mix.hi })
-        b.held.push(r)
-        b.buffers.push(buffer)
+        if ((b.n + 1) * SHARD_FIELDS > b.shards.length) b.shards = this.growShards(which)
+        held[b.n] = r
+        buffers[b.n] = buffer
+        const t = b.shards, o = b.n++ * SHARD_FIELDS, domain = across ? 0 : r.domain
+        t[o + Shard.ADDRESS_LO] = r.addressLo
+        t[o + Shard.ADDRESS_HI] = r.addressHi
+        t[o + Shard.FIRST_PAGE] = this.cursor.page
+        t[o + Shard.COUNT] = count
+        t[o + Shard.SLOT] = r.slot + this.cursor.page
+        t[o + Shard.BATCH_INDEX] = b.pages
+        t[o + Shard.MIX_LO] = mixLo(domain)
+        t[o + Shard.MIX_HI] = mixHi(domain)
         b.pages += count
       }
       this.cursor.page += count
@@ -711,20 +724,34 @@ export class Engine {
       this.cursor = { region: 0, page: 0 }
       b.wrapped = true
     }
-    if (b.shards.length === 0) return b
+    if (b.n === 0) return b
     this.survey(b)
     this.hashing++
     let running: Promise<void> | undefined
     try {
       running = this.hash(b, share)
     } finally {
-      if (!running) this.hashDone()
+      if (!running) this.hashDone(b)
     }
-    if (running) b.hashed = running.finally(() => this.hashDone())
+    if (running) b.hashed = running.finally(() => this.hashDone(b))
     return b
   }
 
-  private hashDone(): void {
+  /** The shard table `which`, doubled; kept for the batches that follow (mergeNow() gives it back). */
+  private growShards(which: number): Int32Array {
+    const old = this.batchShards[which]!
+    const t = new Int32Array(sharedBytes(2 * old.byteLength))
+    t.set(old)
+    return (this.batchShards[which] = t)
+  }
+
+  /**
+   * The batch is hashed: its buffers are let go (nothing after reads them by address: a buffer
+   * collected from now on only makes its extents' bridge calls report it gone), and slots freed
+   * meanwhile can be reused.
+   */
+  private hashDone(b: Batch): void {
+    b.buffers.fill(undefined, 0, b.n)
     if (--this.hashing === 0 && this.freedInBatch.length > 0) this.freeSlots.push(...this.freedInBatch.splice(0))
   }
 
@@ -739,15 +766,16 @@ export class Engine {
    * survey could stall this thread for tens of ms in a buffer of gigabytes. A write is still
    * noticed within the first full scan that starts after it.
    */
-  private survey({ shards, held, buffers }: Batch): void {
+  private survey({ shards, n, held, buffers }: Batch): void {
     const { flags } = this.pages
     const reap = this.lists.reap.clear() // [id, first page, pages] of the windows holding merged pages
     const which = this.lists.reapShards.clear() // and their shards' indexes in the batch
-    for (let i = 0; i < shards.length; i++) {
-      const sh = shards[i]!, r = held[i]!
+    for (let i = 0; i < n; i++) {
+      const o = i * SHARD_FIELDS, r = held[i]!
+      const firstPage = shards[o + Shard.FIRST_PAGE]!, count = shards[o + Shard.COUNT]!
       // the windows starting in this shard (one before them was surveyed when the cursor entered it)
-      const from = Math.ceil(sh.firstPage / SURVEY_PAGES) * SURVEY_PAGES
-      const to = Math.min(Math.ceil((sh.firstPage + sh.count) / SURVEY_PAGES) * SURVEY_PAGES, r.pages)
+      const from = roundUp(firstPage, SURVEY_PAGES)
+      const to = Math.min(roundUp(firstPage + count, SURVEY_PAGES), r.pages)
       if (from >= to) continue
       const any = flagsOf(flags, r.slot + from, r.slot + to)
       if (any & Flag.MERGED) reap.push3(r.id, from, to - from), which.push(i)
@@ -787,23 +815,29 @@ export class Engine {
    * worker (task cloned, views made, reply awaited) costs more than hashing it. Returns a promise
    * only when workers have a share: a batch hashed here alone is done when this returns.
    */
-  private hash({ shards, pages, candidates }: Batch, share: boolean): Promise<void> | undefined {
+  private hash({ shards, n: shardCount, which, pages, candidates }: Batch, share: boolean): Promise<void> | undefined {
     const inline = pages < INLINE_PAGES
     const per = inline ? pages : Math.ceil(pages / (this.options.workers + (share ? 1 : 0)))
-    // The shards, cut into one task's share after another, as records of the batch's shard table.
-    const which = this.candidates[0] === candidates ? 0 : 1
+    // The shards, cut into one task's share after another, as records of the tasks' shard table.
     let table = this.shardTables[which]!
-    const most = (shards.length + this.options.workers + 1) * SHARD_FIELDS
-    if (table.length < most) this.shardTables[which] = table = new Float64Array(sharedBytes(8 * 2 * most))
+    const most = (shardCount + this.options.workers + 1) * SHARD_FIELDS
+    if (table.length < most) this.shardTables[which] = table = new Int32Array(sharedBytes(4 * 2 * most))
     const ends: number[] = [] // each task's last record + 1
     let n = 0, room = per
-    for (const sh of shards) {
-      const address = sh.address
-      let { firstPage, count, slot, batchIndex } = sh
+    for (let i = 0; i < shardCount; i++) {
+      const at = i * SHARD_FIELDS
+      let firstPage = shards[at + Shard.FIRST_PAGE]!, count = shards[at + Shard.COUNT]!
+      let slot = shards[at + Shard.SLOT]!, batchIndex = shards[at + Shard.BATCH_INDEX]!
       while (count > 0) {
         const take = Math.min(count, room), o = n++ * SHARD_FIELDS
-        table[o] = address, table[o + 1] = firstPage, table[o + 2] = take, table[o + 3] = slot
-        table[o + 4] = batchIndex, table[o + 5] = sh.mixLo, table[o + 6] = sh.mixHi
+        table[o + Shard.ADDRESS_LO] = shards[at + Shard.ADDRESS_LO]!
+        table[o + Shard.ADDRESS_HI] = shards[at + Shard.ADDRESS_HI]!
+        table[o + Shard.FIRST_PAGE] = firstPage
+        table[o + Shard.COUNT] = take
+        table[o + Shard.SLOT] = slot
+        table[o + Shard.BATCH_INDEX] = batchIndex
+        table[o + Shard.MIX_LO] = shards[at + Shard.MIX_LO]!
+        table[o + Shard.MIX_HI] = shards[at + Shard.MIX_HI]!
         firstPage += take, slot += take, batchIndex += take, count -= take, room -= take
         if (room === 0) ends.push(n), (room = per)
       }
@@ -831,18 +865,20 @@ export class Engine {
   }
 
   /** Decides, page by page, what each page of the batch becomes; then carries it out. */
-  private process({ shards, held, candidates }: Batch, mergeNow: boolean): void {
+  private process(b: Batch, mergeNow: boolean): void {
+    const { shards, n, held, candidates } = b
     const owners = this.lists.owners.clear()
-    for (let i = 0; i < shards.length; i++) {
-      const sh = shards[i]!, r = held[i]!
-      this.plan.fill(Plan.NONE, sh.batchIndex, sh.batchIndex + sh.count)
+    for (let i = 0; i < n; i++) {
+      const o = i * SHARD_FIELDS, r = held[i]!
+      const batchIndex = shards[o + Shard.BATCH_INDEX]!, count = shards[o + Shard.COUNT]!
+      this.plan.fill(Plan.NONE, batchIndex, batchIndex + count)
       if (this.byId.get(r.id) !== r) continue // unregistered while its pages were being hashed
-      this.c.pagesScanned += sh.count
-      this.c.inScan += sh.count
-      this.planShard(sh, candidates, owners, mergeNow)
+      this.c.pagesScanned += count
+      this.c.inScan += count
+      this.planShard(shards, o, candidates, owners, mergeNow)
     }
-    this.applyZero(shards, held)
-    this.applyStable(owners, shards, held)
+    this.applyZero(b)
+    this.applyStable(owners, b)
     const failure = this.bridgeError
     this.bridgeError = undefined
     if (failure) throw failure
@@ -852,8 +888,9 @@ export class Engine {
   // loop (see workers/hash.ts: V8 optimizes a long loop while it runs, and code after it that had
   // never run would throw that code away at once, to be compiled again).
 
-  /** Plans each page of a shard: dropped as zero, onto a stable page, or left as it is. */
-  private planShard(sh: Shard, candidates: Int32Array, owners: U32List, mergeNow: boolean): void {
+  /** Plans each page of a shard (the record at `o`): dropped as zero, onto a stable page, or left as it is. */
+  private planShard(shards: Int32Array, o: number, candidates: Int32Array, owners: U32List, mergeNow: boolean): void {
+    const slot = shards[o + Shard.SLOT]!, count = shards[o + Shard.COUNT]!, batchIndex = shards[o + Shard.BATCH_INDEX]!
     const { words, flags } = this.pages
     const { plan, planNode, zero } = this
     const st = this.stable
@@ -861,9 +898,9 @@ export class Engine {
     // Unstable entries that can no longer pair: merged (their words hold a node), pending, dropped;
     // and a slot that is not HASHED belongs to no page now (its buffer was collected, the slot freed).
     const busy = Flag.MERGED | Flag.PENDING | Flag.ZERO
-    const zeroLo = zero.lo ^ sh.mixLo, zeroHi = zero.hi ^ sh.mixHi
-    for (let k = 0; k < sh.count; k++) {
-      const s = sh.slot + k, bi = sh.batchIndex + k
+    const zeroLo = zero.lo ^ shards[o + Shard.MIX_LO]!, zeroHi = zero.hi ^ shards[o + Shard.MIX_HI]!
+    for (let k = 0; k < count; k++) {
+      const s = slot + k, bi = batchIndex + k
       const f = flags[s]!
       if (f & Flag.MERGED) continue
       if (f & Flag.ZERO) {
@@ -906,26 +943,28 @@ export class Engine {
     }
   }
 
-  private applyZero(shards: Shard[], held: Region[]): void {
+  private applyZero({ shards, n, held }: Batch): void {
     const ext = this.lists.zero.clear() // [id, page, count, first slot]
-    for (let i = 0; i < shards.length; i++) this.zeroRuns(shards[i]!, held[i]!.id, ext)
+    for (let i = 0; i < n; i++) this.zeroRuns(shards, i * SHARD_FIELDS, held[i]!.id, ext)
     const status = this.callBridge('dropZero', ext, 4, 3, 2)
     const dropped = this.markZero(status, ext)
     this.c.zeroPages += dropped
     this.c.mergedThisScan += dropped
   }
 
-  /** The shard's runs of pages planned as zero, as extents [id, page, count, first slot]. */
-  private zeroRuns(sh: Shard, id: number, ext: U32List): void {
+  /** The runs of pages planned as zero of the shard at `o`, as extents [id, page, count, first slot]. */
+  private zeroRuns(shards: Int32Array, o: number, id: number, ext: U32List): void {
     const plan = this.plan
-    for (let k = 0; k < sh.count; ) {
-      if (plan[sh.batchIndex + k] !== Plan.ZERO) {
+    const firstPage = shards[o + Shard.FIRST_PAGE]!, count = shards[o + Shard.COUNT]!
+    const slot = shards[o + Shard.SLOT]!, batchIndex = shards[o + Shard.BATCH_INDEX]!
+    for (let k = 0; k < count; ) {
+      if (plan[batchIndex + k] !== Plan.ZERO) {
         k++
         continue
       }
       let end = k
-      while (end < sh.count && end - k < MAX_EXTENT_PAGES && plan[sh.batchIndex + end] === Plan.ZERO) end++
-      ext.push4(id, sh.firstPage + k, end - k, sh.slot + k)
+      while (end < count && end - k < MAX_EXTENT_PAGES && plan[batchIndex + end] === Plan.ZERO) end++
+      ext.push4(id, firstPage + k, end - k, slot + k)
       k = end
     }
   }
@@ -949,11 +988,11 @@ export class Engine {
    * pool numbers (contiguous within a run, a gap between runs), so that the merge extents can be
    * planned first and each run made only if the merges onto it fit the mapping budget too.
    */
-  private applyStable(ownerList: U32List, shards: Shard[], held: Region[]): void {
+  private applyStable(ownerList: U32List, b: Batch): void {
     const owners = ownerList.view().sort()
     const runList = this.ownerRuns(owners) // [id, page, count, follow, first slot, first provisional number]
     const runs = runList.view()
-    const mergeList = this.planMerges(shards, held) // [id, page, pool, count, slot, batch index]
+    const mergeList = this.planMerges(b) // [id, page, pool, count, slot, batch index]
     const merges = mergeList.view()
     countFollowers(runs, merges)
     // A run the budget refuses costs the pages that would have merged onto it, counted below, not its own.
@@ -1064,18 +1103,20 @@ export class Engine {
   }
 
   /** The merge extents of the batch's planned pages: runs of pages planned onto consecutive pool pages. */
-  private planMerges(shards: Shard[], held: Region[]): U32List {
+  private planMerges({ shards, n, held }: Batch): U32List {
     const ext = this.lists.merges.clear()
-    for (let i = 0; i < shards.length; i++) this.mergeRuns(shards[i]!, held[i]!.id, ext)
+    for (let i = 0; i < n; i++) this.mergeRuns(shards, i * SHARD_FIELDS, held[i]!.id, ext)
     return ext
   }
 
-  /** The shard's part of planMerges(): extents [id, page, pool, count, slot, batch index]. */
-  private mergeRuns(sh: Shard, id: number, ext: U32List): void {
+  /** The part of planMerges() of the shard at `o`: extents [id, page, pool, count, slot, batch index]. */
+  private mergeRuns(shards: Int32Array, o: number, id: number, ext: U32List): void {
     const { plan, planNode } = this
     const pool = this.stable.pool
-    for (let k = 0; k < sh.count; ) {
-      const bi = sh.batchIndex + k
+    const firstPage = shards[o + Shard.FIRST_PAGE]!, count = shards[o + Shard.COUNT]!
+    const slot = shards[o + Shard.SLOT]!, batchIndex = shards[o + Shard.BATCH_INDEX]!
+    for (let k = 0; k < count; ) {
+      const bi = batchIndex + k
       if (plan[bi] !== Plan.STABLE) {
         k++
         continue
@@ -1087,8 +1128,8 @@ export class Engine {
         continue
       }
       let end = k + 1
-      while (end < sh.count && end - k < MAX_EXTENT_PAGES && plan[sh.batchIndex + end] === Plan.STABLE && pool[planNode[sh.batchIndex + end]!] === first + (end - k)) end++
-      ext.push6(id, sh.firstPage + k, first, end - k, sh.slot + k, bi)
+      while (end < count && end - k < MAX_EXTENT_PAGES && plan[batchIndex + end] === Plan.STABLE && pool[planNode[batchIndex + end]!] === first + (end - k)) end++
+      ext.push6(id, firstPage + k, first, end - k, slot + k, bi)
       k = end
     }
   }
@@ -1286,7 +1327,11 @@ export class Engine {
   }
 }
 
-/** The run (records of 6: [..., first provisional number]) holding a provisional pool number: a binary search. */
+/** `n` rounded up to a multiple of `power` (a power of two), in integers: a division would make a heap number. */
+function roundUp(n: number, power: number): number {
+  return (n + power - 1) & -power
+}
+
 /** The flags of slots [from, to), ORed. */
 function flagsOf(flags: Uint8Array, from: number, to: number): number {
   let any = 0
@@ -1327,6 +1372,7 @@ function countFollowers(runs: Uint32Array, merges: Uint32Array): void {
   for (let m = 0; m < merges.length; m += 6) if (merges[m + 2]! & PROVISIONAL) runs[runOf(runs, merges[m + 2]!) * 6 + 3]!++
 }
 
+/** The run (records of 6: [..., first provisional number]) holding a provisional pool number: a binary search. */
 function runOf(runs: Uint32Array, provisional: number): number {
   const at = provisional & ~PROVISIONAL
   let lo = 0, hi = runs.length / 6 - 1

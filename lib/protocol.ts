@@ -23,19 +23,36 @@ export const Flag = {
   TOUCHED: 128,
 } as const
 
-/** A run of pages of one registered buffer, and where its per-page state lives. */
-export interface Shard {
-  /** Where the buffer is mapped: workers hash by address so as not to keep buffers alive (below 2^47: exact as a number). */
-  address: number
-  firstPage: number
-  count: number
+/**
+ * A shard: a run of pages of one registered buffer, and where its per-page state lives, as a
+ * record of SHARD_FIELDS numbers in an Int32Array (a shard table), at these offsets. Records,
+ * not objects: a batch of many small buffers has tens of thousands of shards, which as objects
+ * cost a structured clone per task and young-generation growth in the worker, and on the
+ * coordinator a few hundred bytes of garbage per buffer and batch (files: 18 MiB a mergeNow()).
+ * Int32, not Float64: reading a Float64Array element makes a heap number wherever V8 has not
+ * optimized the code.
+ */
+export const Shard = {
+  /** Where the buffer is mapped, low and high 32 bits (see shardAddress): workers hash by address so as not to keep buffers alive. */
+  ADDRESS_LO: 0,
+  ADDRESS_HI: 1,
+  FIRST_PAGE: 2,
+  COUNT: 3,
   /** First slot of this run in the page arrays. */
-  slot: number
+  SLOT: 4,
   /** Where this run's candidates go in the batch's candidate array. */
-  batchIndex: number
-  /** The domain's mix (domainMix): pages are keyed by hash XOR mix, so domains never share keys. */
-  mixLo: number
-  mixHi: number
+  BATCH_INDEX: 5,
+  /** The domain's mix (mixLo, mixHi): pages are keyed by hash XOR mix, so domains never share keys. */
+  MIX_LO: 6,
+  MIX_HI: 7,
+} as const
+
+/** Numbers per shard record. */
+export const SHARD_FIELDS = 8
+
+/** The address of the shard at `o` (below 2^47: exact as a number). */
+export function shardAddress(shards: Int32Array, o: number): number {
+  return shards[o + Shard.ADDRESS_HI]! * 2 ** 32 + (shards[o + Shard.ADDRESS_LO]! >>> 0)
 }
 
 /** Read-only snapshot of the stable table that workers search. */
@@ -46,17 +63,9 @@ export interface StableView {
   secret: number
 }
 
-/**
- * Numbers per shard in a task's shard table (a Float64Array over a SharedArrayBuffer): address,
- * firstPage, count, slot, batchIndex, mixLo, mixHi. A table, not objects: a batch of many small
- * buffers has tens of thousands of shards, which as objects cost a structured clone per task and
- * young-generation growth in the worker.
- */
-export const SHARD_FIELDS = 7
-
 /** Hash the shards' pages (records [from, to) of the shard table) and look each one up in the stable table. */
 export interface HashTask {
-  shards: SharedArrayBuffer
+  shards: SharedArrayBuffer // Int32Array of shard records
   from: number
   to: number
   /** Per slot, the page's key: its xxh3-64 XOR its domain's mix, as (lo, hi) 32-bit words (Int32Array). */
@@ -72,13 +81,18 @@ export interface HashResult {
 }
 
 /**
- * What a domain XORs into its pages' hashes. Each half is an odd multiple of the domain number,
+ * What a domain XORs into the low word of its pages' hashes (mixHi: the high word). Each half is an odd multiple of the domain number,
  * so two domains never give the same content the same key; and a key that matches across
  * domains by chance is still refused by the byte comparison before any merge. Int32, like
  * every key word (see PageArrays in lib/engine.ts).
  */
-export function domainMix(domain: number): { lo: number; hi: number } {
-  return { lo: Math.imul(domain, 0x9e3779b1), hi: Math.imul(domain, 0x85ebca6b) }
+export function mixLo(domain: number): number {
+  return Math.imul(domain, 0x9e3779b1)
+}
+
+/** The high word's mix: see mixLo(). */
+export function mixHi(domain: number): number {
+  return Math.imul(domain, 0x85ebca6b)
 }
 
 /**

@@ -116,7 +116,8 @@ abstract class Table {
     this.bits = bits
     this.table = sabInt32(1 << bits)
     const mask = this.table.length - 1
-    for (const e of old) {
+    for (let i = 0; i < old.length; i++) {
+      const e = old[i]!
       if (e === EMPTY) continue
       let p = this.home(e - 1)
       while (this.table[p] !== EMPTY) p = (p + 1) & mask

@@ -2,7 +2,7 @@
 // read-only. Stateless but for the typed-array views it keeps over the shared arrays it was last
 // given (made anew when the engine grows them), since a batch can be as small as 100 pages.
 import { loadNative } from '../lib/native'
-import { Flag, probeStart, SHARD_FIELDS, type HashResult, type HashTask } from '../lib/protocol'
+import { Flag, probeStart, Shard, shardAddress, SHARD_FIELDS, type HashResult, type HashTask } from '../lib/protocol'
 
 const native = loadNative()
 const { MERGED, ZERO, TOUCHED, HASHED, CHANGED, NEW } = Flag
@@ -31,7 +31,7 @@ const previous = new Int32Array(2 * CHUNK)
 /** The chunk's runs of pages to hash: [address, firstPage, count, slot] each (a run has a page at least). */
 const runs = new Float64Array(4 * CHUNK)
 /** And for settle(): [batchIndex, mixLo, mixHi, where its old keys start in `previous`] each. */
-const meta = new Float64Array(4 * CHUNK)
+const meta = new Int32Array(4 * CHUNK)
 
 export default function hash(task: HashTask): HashResult {
   let hashes = wide.get(task.keys) // a second view of the same bytes as `words`
@@ -47,23 +47,22 @@ export default function hash(task: HashTask): HashResult {
   const { secret } = task.stable
   const mask = table.length - 1
   const bits = 31 - Math.clz32(table.length)
-  const shards = view(task.shards, Float64Array)
+  const shards = view(task.shards, Int32Array)
   let n = 0, saved = 0, hashed = 0
   // ... the chunk's runs hashed in one native call (a batch of small buffers has a run per buffer), and settled
   const flush = () => {
     if (n > 0) native.hashRuns(runs, n, hashes)
     for (let j = 0; j < n; j++)
-      settle(words, flags, previous, meta[4 * j + 3]! | 0, candidates, table, nodeLo, nodeHi, runs[4 * j + 3]! | 0, meta[4 * j]! | 0, runs[4 * j + 2]! | 0, meta[4 * j + 1]! | 0, meta[4 * j + 2]! | 0, secret, bits, mask)
+      settle(words, flags, previous, meta[4 * j + 3]!, candidates, table, nodeLo, nodeHi, runs[4 * j + 3]! | 0, meta[4 * j]!, runs[4 * j + 2]! | 0, meta[4 * j + 1]!, meta[4 * j + 2]!, secret, bits, mask)
     hashed += saved
     n = saved = 0
   }
   // The runs of pages to hash (up to a page to skip, a shard's end or a full chunk), their old keys saved ...
   for (let r = task.from; r < task.to; r++) {
     const o = r * SHARD_FIELDS
-    // all but the address as small integers: a number read from a Float64Array is a double, and
-    // arithmetic on it (slot + k) makes a heap number per page wherever V8 has not optimized the loop
-    const address = shards[o]!, firstPage = shards[o + 1]! | 0, count = shards[o + 2]! | 0, slot = shards[o + 3]! | 0
-    const batchIndex = shards[o + 4]! | 0, mixLo = shards[o + 5]! | 0, mixHi = shards[o + 6]! | 0
+    const address = shardAddress(shards, o), firstPage = shards[o + Shard.FIRST_PAGE]!, count = shards[o + Shard.COUNT]!
+    const slot = shards[o + Shard.SLOT]!, batchIndex = shards[o + Shard.BATCH_INDEX]!
+    const mixLo = shards[o + Shard.MIX_LO]!, mixHi = shards[o + Shard.MIX_HI]!
     candidates.fill(-1, batchIndex, batchIndex + count) // the answer for pages not hashed
     for (let i = skipped(flags, slot, count); i < count; ) {
       const k = Math.min(toHash(flags, slot + i, count - i), CHUNK - saved)
