@@ -37,6 +37,7 @@
 #include "pages.h"
 #include "procfs.h"
 #include "registry.h"
+#include "run_map.h"
 #include "v8_buffers.h"
 
 namespace pm {
@@ -369,11 +370,6 @@ class Puncher {
 };
 
 // Pages [first, first + count) of an allocation map pool pages [pool, pool + count).
-struct PoolRun {
-  uint64_t count;
-  uint32_t pool;
-};
-
 struct Allocation {
   uint32_t id = 0;
   uint8_t* base = nullptr;
@@ -382,55 +378,9 @@ struct Allocation {
   Vec<uint8_t> state;
   // Where its kMerged pages map, one entry per remapped run rather than 4 bytes a page: merges
   // come as extents, so a merged 32 MiB buffer is one entry. A page is in a run iff it is kMerged.
-  std::map<uint64_t, PoolRun> runs;
+  RunMap runs;
 
-  uint32_t PoolOf(uint64_t page) const {
-    auto it = runs.upper_bound(page);
-    if (it == runs.begin()) return kNoPool;
-    --it;
-    return page < it->first + it->second.count ? it->second.pool + static_cast<uint32_t>(page - it->first) : kNoPool;
-  }
-
-  // Removes pages [first, end) from the runs, splitting the runs that straddle either end.
-  void CutRuns(uint64_t first, uint64_t end) {
-    auto it = runs.upper_bound(first);
-    if (it != runs.begin()) {
-      auto prev = std::prev(it);
-      uint64_t start = prev->first, stop = start + prev->second.count;
-      if (stop > first) {
-        uint32_t pool = prev->second.pool;
-        if (first > start) prev->second.count = first - start;
-        else runs.erase(prev);
-        if (stop > end) {
-          runs[end] = PoolRun{stop - end, pool + static_cast<uint32_t>(end - start)};
-          return;
-        }
-      }
-    }
-    for (it = runs.lower_bound(first); it != runs.end() && it->first < end;) {
-      uint64_t stop = it->first + it->second.count;
-      if (stop > end) {
-        PoolRun rest{stop - end, it->second.pool + static_cast<uint32_t>(end - it->first)};
-        runs.erase(it);
-        runs[end] = rest;
-        return;
-      }
-      it = runs.erase(it);
-    }
-  }
-
-  // Records that pages [first, first + count) map pool pages from `pool` (after CutRuns).
-  void AddRun(uint64_t first, uint64_t count, uint32_t pool) {
-    auto next = runs.lower_bound(first);
-    if (next != runs.begin()) {  // continues the run before it: one entry, not two
-      auto prev = std::prev(next);
-      if (prev->first + prev->second.count == first && prev->second.pool + prev->second.count == pool) {
-        prev->second.count += count;
-        return;
-      }
-    }
-    runs[first] = PoolRun{count, pool};
-  }
+  uint32_t PoolOf(uint64_t page) const { return runs.PoolOf(page, kNoPool); }
 };
 
 constexpr size_t kBounce = 256 * 1024;
@@ -563,26 +513,20 @@ struct ArenaCore {
     if (poolFirst != kNoPool)  // take the new references first: remapping onto the same page never frees it
       for (uint64_t k = 0; k < count; k++) IncRef(poolFirst + static_cast<uint32_t>(k));
     uint64_t end = first + count;
-    for (auto it = a.runs.lower_bound(first); it != a.runs.begin();) {  // a run that starts before `first`
-      --it;
-      if (it->first + it->second.count > first) ReleaseRun(it->first, it->second, first, end, freed);
-      break;
-    }
-    for (auto it = a.runs.lower_bound(first); it != a.runs.end() && it->first < end; ++it)
-      ReleaseRun(it->first, it->second, first, end, freed);
+    a.runs.ForEach(first, end, [&](const PoolRun& run) { ReleaseRun(run, first, end, freed); });
     for (uint64_t i = first; i < end; i++) {
       if (a.state[i] == kShared) own.Add(static_cast<uint64_t>(a.own) + i);
       a.state[i] = newState;
     }
-    a.CutRuns(first, end);
-    if (poolFirst != kNoPool) a.AddRun(first, count, poolFirst);
+    a.runs.Cut(first, end);
+    if (poolFirst != kNoPool) a.runs.Add(first, count, poolFirst);
   }
 
   // Drops the references that the pages of `run` (starting at page `start`) inside [first, end) hold.
-  void ReleaseRun(uint64_t start, const PoolRun& run, uint64_t first, uint64_t end, Puncher& freed) {
-    uint64_t from = std::max(start, first), to = std::min(start + run.count, end);
+  void ReleaseRun(const PoolRun& run, uint64_t first, uint64_t end, Puncher& freed) {
+    uint64_t from = std::max(run.first, first), to = std::min(run.end(), end);
     for (uint64_t i = from; i < to; i++) {
-      uint32_t p = run.pool + static_cast<uint32_t>(i - start);
+      uint32_t p = run.pool + static_cast<uint32_t>(i - run.first);
       if (DecRef(p)) freed.Add(p);
     }
   }
@@ -1659,7 +1603,7 @@ class Arena : public Napi::ObjectWrap<Arena> {
       reserve = c.reservePages * kPage;
       used = c.top * kPage;
       metadata = c.refs.Bytes() + c.allocs.size() * sizeof(Allocation);
-      for (auto& kv : c.allocs) metadata += kv.second->state.capacity() + kv.second->runs.size() * 64;  // a map node
+      for (auto& kv : c.allocs) metadata += kv.second->state.capacity() + kv.second->runs.Bytes();
     }
     Napi::Object o = Napi::Object::New(env);
     auto num = [&](const char* k, uint64_t v) { o.Set(k, Napi::Number::New(env, static_cast<double>(v))); };

@@ -410,6 +410,67 @@ t.test('freed address ranges are reused once no pool page in them is live', asyn
   t.equal(arena.stats().poolPages, 0)
 })
 
+t.test('thousands of runs, merged and unmerged in random order, each page maps what a model says', async (t) => {
+  // native/run_map.h keeps a buffer's runs in blocks of 256: single-page runs in random order
+  // split blocks, and unmerged ranges cut runs, empty blocks and cross block ends
+  const arena = new native.Arena()
+  const pages = 3000
+  const { a, b } = pair(arena, pages * PAGE, 12)
+  const status = new Int32Array(pages)
+  const firstPool = new Uint32Array(1)
+  t.equal(arena.stabilize(new Uint32Array([arena.idOf(a), 0, pages, 1]), status, BUDGET, firstPool), pages)
+  const pool = firstPool[0]!
+  const model = new Uint32Array(pages).fill(NO_POOL) // b's page -> the pool page it maps
+  let seed = 7
+  const rand = (n: number) => ((seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) >>> 8) % n
+  // extents [first page, count] of b onto the pool pages of a's same pages
+  const merge = (list: Array<[number, number]>) => {
+    const ext = new Uint32Array(list.flatMap(([k, n]) => [arena.idOf(b), k, pool + k, n]))
+    arena.merge(ext, status, BUDGET)
+    list.forEach(([k, n], i) => {
+      if (status[i] === Status.OK) for (let j = k; j < k + n; j++) model[j] = pool + j
+    })
+  }
+  const check = (what: string) => {
+    const states = new Uint8Array(pages), pools = new Uint32Array(pages)
+    arena.pageStates(b, 0, pages, states, pools)
+    let wrong = 0
+    for (let k = 0; k < pages; k++) if (pools[k] !== model[k] || (states[k] === PageState.MERGED) !== (model[k] !== NO_POOL)) wrong++
+    t.equal(wrong, 0, `${what}: every page maps the pool page the model says`)
+  }
+  // even pages in random order: 1500 runs of a page, inserted anywhere
+  const even = Array.from({ length: pages / 2 }, (_, j) => 2 * j)
+  for (let i = even.length - 1; i > 0; i--) {
+    const j = rand(i + 1)
+    ;[even[i], even[j]] = [even[j]!, even[i]!]
+  }
+  merge(even.map((k) => [k, 1]))
+  check('even pages merged in random order')
+  for (let round = 0; round < 40; round++) {
+    const first = rand(pages), count = 1 + rand(Math.min(300, pages - first))
+    t.ok(arena.unmerge(new Uint32Array([arena.idOf(b), first, count]), status, BUDGET) >= 0)
+    model.fill(NO_POOL, first, first + count)
+    // the range merged again as extents of 1 to 40 pages with gaps (runs that later unmerges cut
+    // in their middle), in random order; consecutive extents join into one run
+    const ext: Array<[number, number]> = []
+    for (let k = first; k < first + count; ) {
+      const n = Math.min(1 + rand(40), first + count - k)
+      if (rand(4) !== 0) ext.push([k, n])
+      k += n
+    }
+    for (let i = ext.length - 1; i > 0; i--) {
+      const j = rand(i + 1)
+      ;[ext[i], ext[j]] = [ext[j]!, ext[i]!]
+    }
+    merge(ext)
+  }
+  check('after 40 rounds of random unmerges and merges')
+  const refs = new Uint32Array(pages)
+  arena.poolRefs(pool, pages, refs)
+  t.same([...refs], [...model].map((p) => (p === NO_POOL ? 1 : 2)), 'each pool page counts its mappings')
+  t.equal(digest(b), digest(a), 'b reads its bytes')
+})
+
 t.test('a merged run split by unmerging its middle keeps both ends mapped right', async (t) => {
   const arena = new native.Arena()
   const { a, b } = pair(arena, 64 * PAGE, 10)
