@@ -249,8 +249,11 @@ export class Engine {
   /** Inside onProgress: calls that change the PageMerger are refused (BUSY). */
   private inCallback = false
   private readonly zero: { lo: number; hi: number }
-  /** Two candidate arrays: in mergeNow() the workers hash one batch while the next is processed. */
-  private candidates = [0, 1].map(() => new Int32Array(sharedBytes(4 * MERGE_NOW_BATCH)))
+  /**
+   * Two candidate arrays: in mergeNow() the workers hash one batch while the next is processed.
+   * Like plan and planNode, sized for small batches, grown by begin() and given back after mergeNow().
+   */
+  private candidates = [0, 1].map(() => new Int32Array(sharedBytes(4 * INLINE_PAGES)))
   /** The batches' shard records, one table per candidate array, grown as needed. */
   private batchShards: Int32Array<ArrayBufferLike>[] = [0, 1].map(() => new Int32Array(SHARD_FIELDS * 64))
   /**
@@ -263,8 +266,8 @@ export class Engine {
   private flip = 0
   /** Batches being hashed: slots of buffers dropped meanwhile wait in freedInBatch. */
   private hashing = 0
-  private plan = new Uint8Array(sharedBytes(MERGE_NOW_BATCH))
-  private planNode = new Int32Array(sharedBytes(4 * MERGE_NOW_BATCH))
+  private plan = new Uint8Array(sharedBytes(INLINE_PAGES))
+  private planNode = new Int32Array(sharedBytes(4 * INLINE_PAGES))
   /** Pages mapping a stable page, planned ones included: the sum of the nodes' sharers. */
   private sharersTotal = 0
   /** Pages in registered buffers (the regions' pages, summed as they come and go). */
@@ -520,11 +523,14 @@ export class Engine {
 
   /**
    * Gives back what mergeNow()'s batches of MERGE_NOW_BATCH pages grew, none of which the next
-   * scan needs: the lists of a batch's extents, the bridge calls' arrays, the shard tables, and
-   * the unstable index (thrown away at the end of every full scan anyway; the next one grows it
-   * again). Kept, they held MiBs that the OS counted against what the merge freed (files: 8 MiB).
+   * scan needs: the batch's per-page arrays, the lists of its extents, the bridge calls' arrays,
+   * the shard tables and arrays, and the unstable index (thrown away at the end of every full
+   * scan anyway; the next one grows it again). Kept, they held MiBs that the OS counted against
+   * what the merge freed (files: 8 MiB; the per-page arrays alone, 0.8 MiB).
    */
   private releaseBatchScratch(): void {
+    if (this.plan.length > INLINE_PAGES) this.sizeBatches(INLINE_PAGES)
+    this.holds = [0, 1].map(() => ({ regions: [], buffers: [] }))
     for (const list of Object.values(this.lists)) list.release()
     if (this.scratch.extents.length > 1024) this.scratch.extents = new Uint32Array(1024)
     if (this.scratch.status.length > 256) (this.scratch.status = new Int32Array(256)), (this.scratch.outPool = new Uint32Array(256))
@@ -682,11 +688,7 @@ export class Engine {
    * get addresses, not buffers, so that nothing but a batch in progress keeps memory alive.
    */
   private begin(max: number, share: boolean): Batch {
-    if (this.candidates[0]!.length < max) {
-      this.candidates = [0, 1].map(() => new Int32Array(sharedBytes(4 * max)))
-      this.plan = new Uint8Array(sharedBytes(max))
-      this.planNode = new Int32Array(sharedBytes(4 * max))
-    }
+    if (this.candidates[0]!.length < max) this.sizeBatches(max)
     const which = (this.flip ^= 1)
     const { regions: held, buffers } = this.holds[which]!
     const b: Batch = { shards: this.batchShards[which]!, n: 0, which, held, buffers, pages: 0, wrapped: false, candidates: this.candidates[which]! }
@@ -735,6 +737,13 @@ export class Engine {
     }
     if (running) b.hashed = running.finally(() => this.hashDone(b))
     return b
+  }
+
+  /** The per-page arrays of a batch (candidates, plan), for batches of up to `pages` pages. */
+  private sizeBatches(pages: number): void {
+    this.candidates = [0, 1].map(() => new Int32Array(sharedBytes(4 * pages)))
+    this.plan = new Uint8Array(sharedBytes(pages))
+    this.planNode = new Int32Array(sharedBytes(4 * pages))
   }
 
   /** The shard table `which`, doubled; kept for the batches that follow (mergeNow() gives it back). */
