@@ -2,12 +2,11 @@
 // ordered by first page. 16 bytes a run, in blocks of up to kBlockRuns: a std::map spent a 64-byte
 // node per run, and a buffer merged page by page (scattered contents) has a run per page, so
 // its tree cost 4 bytes per tracked page and a MiB of C heap in a 1 GiB merge. Blocks keep an
-// insert or a cut in the middle to a copy within one block.
+// insert or a cut in the middle to a copy within one block, and grow as runs come: a buffer
+// merged whole (one run) costs one small block.
 #pragma once
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
-#include <memory>
 
 #include "big_alloc.h"
 
@@ -22,13 +21,13 @@ struct PoolRun {
 
 class RunMap {
  public:
-  static constexpr uint32_t kBlockRuns = 256;
+  static constexpr size_t kBlockRuns = 256;
 
   // The pool page that `page` maps, or `none`.
   uint32_t PoolOf(uint64_t page, uint32_t none) const {
     Pos p = FirstEndingAfter(page);
     if (p.b == blocks_.size()) return none;
-    const PoolRun& r = blocks_[p.b]->r[p.i];
+    const PoolRun& r = blocks_[p.b][p.i];
     return r.first <= page ? r.pool + static_cast<uint32_t>(page - r.first) : none;
   }
 
@@ -36,10 +35,10 @@ class RunMap {
   template <class F>
   void ForEach(uint64_t first, uint64_t end, F fn) const {
     for (Pos p = FirstEndingAfter(first); p.b < blocks_.size(); p = {p.b + 1, 0}) {
-      const Block& k = *blocks_[p.b];
-      for (uint32_t i = p.i; i < k.n; i++) {
-        if (k.r[i].first >= end) return;
-        fn(k.r[i]);
+      const Vec<PoolRun>& k = blocks_[p.b];
+      for (size_t i = p.i; i < k.size(); i++) {
+        if (k[i].first >= end) return;
+        fn(k[i]);
       }
     }
   }
@@ -51,15 +50,18 @@ class RunMap {
     int kept = 0;
     Pos p = FirstEndingAfter(first);
     while (p.b < blocks_.size()) {
-      Block& k = *blocks_[p.b];
-      uint32_t j = p.i;
-      for (; j < k.n && k.r[j].first < end; j++) {
-        const PoolRun& r = k.r[j];
+      Vec<PoolRun>& k = blocks_[p.b];
+      size_t j = p.i;
+      for (; j < k.size() && k[j].first < end; j++) {
+        const PoolRun& r = k[j];
         if (r.first < first) keep[kept++] = PoolRun{r.first, static_cast<uint32_t>(first - r.first), r.pool};
         if (r.end() > end) keep[kept++] = PoolRun{end, static_cast<uint32_t>(r.end() - end), r.pool + static_cast<uint32_t>(end - r.first)};
       }
-      const bool last = j < k.n;  // a run at or past `end` is left in this block
-      if (!EraseIn(p.b, p.i, j)) p.b++;  // a block emptied is removed: the next one takes its index
+      const bool last = j < k.size();  // a run at or past `end` is left in this block
+      k.erase(k.begin() + static_cast<std::ptrdiff_t>(p.i), k.begin() + static_cast<std::ptrdiff_t>(j));
+      size_ -= j - p.i;
+      if (k.empty()) blocks_.erase(blocks_.begin() + static_cast<std::ptrdiff_t>(p.b));  // the next block takes its index
+      else p.b++;
       if (last) break;
       p.i = 0;
     }
@@ -72,7 +74,7 @@ class RunMap {
     while (count > 0) {  // a run counts at most 2^32 - 1 pages
       const uint32_t take = static_cast<uint32_t>(std::min<uint64_t>(count, UINT32_MAX));
       const Pos p = FirstEndingAfter(first);
-      PoolRun* before = p.i > 0 ? &blocks_[p.b]->r[p.i - 1] : p.b > 0 ? &blocks_[p.b - 1]->r[blocks_[p.b - 1]->n - 1] : nullptr;
+      PoolRun* before = p.i > 0 ? &blocks_[p.b][p.i - 1] : p.b > 0 ? &blocks_[p.b - 1].back() : nullptr;
       if (before && before->end() == first && before->pool + before->count == pool && before->count <= UINT32_MAX - take)
         before->count += take;
       else
@@ -82,70 +84,56 @@ class RunMap {
   }
 
   size_t size() const { return size_; }
-  size_t Bytes() const { return blocks_.size() * sizeof(Block) + blocks_.capacity() * sizeof(blocks_[0]); }
+  size_t Bytes() const {
+    size_t bytes = blocks_.capacity() * sizeof(Vec<PoolRun>);
+    for (const Vec<PoolRun>& k : blocks_) bytes += k.capacity() * sizeof(PoolRun);
+    return bytes;
+  }
 
  private:
-  struct Block {
-    uint32_t n = 0;
-    PoolRun r[kBlockRuns];
-  };
-  // A run: block b, index i (i < its n), or the end: b == blocks_.size().
+  // A run: block b, index i (i < its size), or the end: b == blocks_.size().
   struct Pos {
     size_t b;
-    uint32_t i;
+    size_t i;
   };
 
   // The first run that ends after `page` (runs are disjoint and sorted, so their ends are too).
   Pos FirstEndingAfter(uint64_t page) const {
-    // the last block whose first run starts at or before `page` (every block holds a run); the
-    // runs of the blocks before it end at or before that run's start
+    // the last block whose first run starts at or before `page` (no block is empty); the runs of
+    // the blocks before it end at or before that run's start
     size_t lo = 0, hi = blocks_.size();
     while (lo < hi) {
       const size_t mid = (lo + hi) / 2;
-      if (blocks_[mid]->r[0].first <= page) lo = mid + 1;
+      if (blocks_[mid][0].first <= page) lo = mid + 1;
       else hi = mid;
     }
     const size_t b = lo == 0 ? 0 : lo - 1;
     if (b == blocks_.size()) return {b, 0};
-    const Block& k = *blocks_[b];
-    const uint32_t i = static_cast<uint32_t>(std::partition_point(k.r, k.r + k.n, [&](const PoolRun& r) { return r.end() <= page; }) - k.r);
-    return i < k.n ? Pos{b, i} : Pos{b + 1, 0};  // the next block's first run starts after `page`
+    const Vec<PoolRun>& k = blocks_[b];
+    const size_t i = static_cast<size_t>(std::partition_point(k.begin(), k.end(), [&](const PoolRun& r) { return r.end() <= page; }) - k.begin());
+    return i < k.size() ? Pos{b, i} : Pos{b + 1, 0};  // the next block's first run starts after `page`
   }
 
-  // Inserts `run` before position p (which must keep the order).
+  // Inserts `run` before position p (which must keep the order). Blocks grow as runs come (a
+  // buffer merged whole is one run: one small block), up to kBlockRuns.
   void InsertAt(Pos p, const PoolRun& run) {
     if (p.b == blocks_.size()) {  // at the end: into the last block, or a new one when it is full
-      if (blocks_.empty() || blocks_.back()->n == kBlockRuns) blocks_.push_back(std::make_unique<Block>());
-      p = {blocks_.size() - 1, blocks_.back()->n};
-    }
-    Block* k = blocks_[p.b].get();
-    if (k->n == kBlockRuns) {  // full: split it in halves
-      constexpr uint32_t h = kBlockRuns / 2;
-      auto second = std::make_unique<Block>();
-      std::memcpy(second->r, k->r + h, (kBlockRuns - h) * sizeof(PoolRun));
-      second->n = kBlockRuns - h;
-      k->n = h;
+      if (blocks_.empty() || blocks_.back().size() == kBlockRuns) blocks_.emplace_back();
+      p = {blocks_.size() - 1, blocks_.back().size()};
+    } else if (blocks_[p.b].size() == kBlockRuns) {  // full: split it in halves
+      constexpr size_t h = kBlockRuns / 2;
+      Vec<PoolRun>& k = blocks_[p.b];
+      Vec<PoolRun> second(k.begin() + h, k.end());
+      k.resize(h);
       blocks_.insert(blocks_.begin() + static_cast<std::ptrdiff_t>(p.b) + 1, std::move(second));
-      if (p.i > h) p = {p.b + 1, p.i - h}, k = blocks_[p.b].get();
+      if (p.i > h) p = {p.b + 1, p.i - h};
     }
-    std::memmove(k->r + p.i + 1, k->r + p.i, (k->n - p.i) * sizeof(PoolRun));
-    k->r[p.i] = run;
-    k->n++;
+    Vec<PoolRun>& k = blocks_[p.b];
+    k.insert(k.begin() + static_cast<std::ptrdiff_t>(p.i), run);
     size_++;
   }
 
-  // Erases runs [i, j) of block b; returns whether the block, left empty, was removed.
-  bool EraseIn(size_t b, uint32_t i, uint32_t j) {
-    Block& k = *blocks_[b];
-    std::memmove(k.r + i, k.r + j, (k.n - j) * sizeof(PoolRun));
-    k.n -= j - i;
-    size_ -= j - i;
-    if (k.n > 0) return false;
-    blocks_.erase(blocks_.begin() + static_cast<std::ptrdiff_t>(b));
-    return true;
-  }
-
-  Vec<std::unique_ptr<Block>> blocks_;
+  Vec<Vec<PoolRun>> blocks_;
   size_t size_ = 0;
 };
 
