@@ -197,8 +197,12 @@ class PageArrays {
     this.flags = flags
   }
 
-  bytes(): number {
-    return this.capacity * 9
+  /**
+   * What `slots` slots in use take: the capacity beyond them is mapped but never written (grown
+   * by doubling, it would otherwise count up to 18 bytes a page).
+   */
+  bytes(slots: number): number {
+    return slots * 9
   }
 }
 
@@ -511,13 +515,14 @@ export class Engine {
           const merged = this.c.mergedThisScan
           this.endScan(true)
           report?.()
-          if (merged === 0 || this.regions.length === 0 || this.c.fullScans - scansBefore >= MERGE_NOW_SCANS) return this.stats()
+          if (merged === 0 || this.regions.length === 0 || this.c.fullScans - scansBefore >= MERGE_NOW_SCANS) break
           next = this.begin(MERGE_NOW_BATCH, true)
         }
       } finally {
         await next?.hashed // a batch begun before an error: let its hashing finish
         this.releaseBatchScratch()
       }
+      return this.stats() // without the scratch just given back
     })
   }
 
@@ -1274,7 +1279,7 @@ export class Engine {
     const shared = st.live
     const tracked = this.trackedPages
     const bridge = this.arena.stats()
-    const metadata = this.pages.bytes() + st.bytes() + this.unstable.bytes() + bridge.metadataBytes
+    const metadata = this.pages.bytes(this.slotTop) + st.bytes() + this.unstable.bytes() + bridge.metadataBytes
     const sharing = this.sharersTotal - shared
     const kernel: ProcessKsm = this.options.engine === 'userspace' ? {} : this.kernel.processCounters()
     return {

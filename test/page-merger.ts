@@ -631,8 +631,9 @@ t.test('clones, 1 GiB: half the pages freed, every byte intact', async (t) => {
   t.same(counts(s), { pagesShared: half, pagesSharing: half }, `merged in ${seconds.toFixed(2)} s`)
   const mib = (n: number) => (n / MiB).toFixed(1)
   t.ok(before.buffers - pss.buffers >= 0.99 * 512 * MiB, `the buffers' Pss fell by ${mib(before.buffers - pss.buffers)} MiB of 512`)
-  // the whole process too, less what its heaps grew while merging (16-22 MiB in bench:scanner's runs)
-  t.ok(before.process - pss.process >= 0.9 * 512 * MiB, `the process's Pss fell by ${mib(before.process - pss.process)} MiB`)
+  // the whole process too, within the issue's 5% (507 MiB measured: what its heaps grew is small now)
+  t.ok(before.process - pss.process >= 0.95 * 512 * MiB, `the process's Pss fell by ${mib(before.process - pss.process)} MiB`)
+  t.ok(s.metadataBytesPerPage <= 24, `metadata: ${s.metadataBytesPerPage.toFixed(2)} bytes per page (at most 24)`)
   t.strictSame(after, digests, 'every buffer reads back its bytes')
   bufs.length = 0
   t.ok(await gcUntil(() => pm.stats().pagesTracked === 0), 'memory released once dropped')

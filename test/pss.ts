@@ -9,6 +9,12 @@
 // - other threads' malloc arenas grew by little: when the addon (or the bench) freed a block malloc
 //   had mmapped, glibc raised its trim threshold for the process and V8's compiler threads kept
 //   the memory they freed after compiling the merge, +8.5 to 9.2 MiB here (native/big_alloc.h).
+// - the whole process's anonymous and shmem Pss fell by at least 93% of what was counted. The
+//   issue's line is 95%, which npm run bench judges on the median of its runs: a fresh process's
+//   first merge also pays for the runtime's first use of the code (JIT code, the compiler
+//   threads' malloc arenas), 1.0 to 2.4 MiB here in most runs and 3.5 in one of 16 (96.2-98.4%,
+//   once 94.5%). 93% still catches what this file is about: with V8's young generation grown by
+//   the merge's garbage (uint32 words as heap numbers, an object per shard) it was 86-88%.
 import t from 'tap'
 import { execFile } from 'node:child_process'
 import { existsSync } from 'node:fs'
@@ -33,10 +39,13 @@ t.test('scattered at 1 GiB: the arena gives back what was counted, the C heaps k
   const counted = (c.pagesSharing + c.zeroPages) * 4096
   const arena = pss(before, 'arena memfd') + pss(before, 'arena anon') - pss(after, 'arena memfd') - pss(after, 'arena anon')
   const heap = pss(after, '[heap]') - pss(before, '[heap]')
+  const total = (s: Seen) => Object.keys(s.groups).reduce((n, k) => n + pss(s, k), 0)
+  const freed = total(before) - total(after)
   const arenas = pss(after, 'malloc arenas') - pss(before, 'malloc arenas')
-  t.comment(`counted ${(counted / MiB).toFixed(2)} MiB; the arena's mappings fell ${(arena / MiB).toFixed(2)} MiB; [heap] grew ${(heap / MiB).toFixed(2)} MiB, other threads' malloc arenas ${(arenas / MiB).toFixed(2)} MiB`)
+  t.comment(`counted ${(counted / MiB).toFixed(2)} MiB; the arena's mappings fell ${(arena / MiB).toFixed(2)} MiB; [heap] grew ${(heap / MiB).toFixed(2)} MiB, other threads' malloc arenas ${(arenas / MiB).toFixed(2)} MiB; the process fell ${(freed / MiB).toFixed(2)} MiB`)
   t.ok(c.pagesSharing > 15_000, 'thousands of single pages merged')
   t.ok(Math.abs(arena - counted) <= 0.01 * counted, "the arena's mappings fell by what was counted, within 1%")
   t.ok(heap < 5 * MiB, 'the C heap grew by less than 5 MiB (the arena metadata, ~1 MiB, and the read-back)')
-  t.ok(arenas < 4 * MiB, "other threads' malloc arenas grew by less than 4 MiB (measured 0.2-1.5; 8.5-9.2 while glibc's trim threshold was raised)")
+  t.ok(arenas < 4 * MiB, "other threads' malloc arenas grew by less than 4 MiB (measured 0.1-1.5; 8.5-9.2 while glibc's trim threshold was raised)")
+  t.ok(freed >= 0.93 * counted, `the process's Pss fell by ${((100 * freed) / counted).toFixed(1)}% of what was counted (at least 93%)`)
 })
