@@ -136,8 +136,8 @@ interface Region {
 
 /**
  * Marks a stable page's pool number as provisional: its run has not been made yet. Bit 30, not
- * 31, so that a marked number is still a small integer (see PageArrays); pool pages stay below
- * 2^30 (4 TiB of stable pages), and a number misread would only fail the byte comparison.
+ * 31, so that a marked number is still a small integer (see PageArrays). Pool pages stay below
+ * 2^28: the engine's arena reserves at most 1 TiB (native/arena.cc).
  */
 const PROVISIONAL = 0x40000000
 /** Pages surveyed at once (32 MiB; a power of two): a window's pagemap read costs tens of µs, and divides a mergeNow() batch. */
@@ -689,7 +689,7 @@ export class Engine {
 
   /**
    * Takes up to `max` pages from the cursor, surveys them, and starts hashing them (with a share
-   * for this thread when `share`). Holds each buffer strongly until the batch is done: workers
+   * for this thread when `share`). Holds each buffer strongly until the batch is hashed: workers
    * get addresses, not buffers, so that nothing but a batch in progress keeps memory alive.
    */
   private begin(max: number, share: boolean): Batch {
