@@ -882,6 +882,7 @@ export class Engine {
   private process(b: Batch, mergeNow: boolean): void {
     const { shards, n, held, candidates } = b
     const owners = this.lists.owners.clear()
+    let planned = 0
     for (let i = 0; i < n; i++) {
       const o = i * SHARD_FIELDS, r = held[i]!
       const batchIndex = shards[o + Shard.BATCH_INDEX]!, count = shards[o + Shard.COUNT]!
@@ -889,8 +890,10 @@ export class Engine {
       if (this.byId.get(r.id) !== r) continue // unregistered while its pages were being hashed
       this.c.pagesScanned += count
       this.c.inScan += count
-      this.planShard(shards, o, candidates, owners, mergeNow)
+      planned += this.planShard(shards, o, candidates, owners, mergeNow)
     }
+    // most batches of a background scan plan nothing (merged or unique pages): no bridge work
+    if (planned === 0) return
     this.applyZero(b)
     this.applyStable(owners, b)
     const failure = this.bridgeError
@@ -902,8 +905,8 @@ export class Engine {
   // loop (see workers/hash.ts: V8 optimizes a long loop while it runs, and code after it that had
   // never run would throw that code away at once, to be compiled again).
 
-  /** Plans each page of a shard (the record at `o`): dropped as zero, onto a stable page, or left as it is. */
-  private planShard(shards: Int32Array, o: number, candidates: Int32Array, owners: U32List, mergeNow: boolean): void {
+  /** Plans each page of a shard (the record at `o`): dropped as zero, onto a stable page, or left as it is. Returns the pages planned. */
+  private planShard(shards: Int32Array, o: number, candidates: Int32Array, owners: U32List, mergeNow: boolean): number {
     const slot = shards[o + Shard.SLOT]!, count = shards[o + Shard.COUNT]!, batchIndex = shards[o + Shard.BATCH_INDEX]!
     const { words, flags } = this.pages
     const { plan, planNode, zero } = this
@@ -913,6 +916,7 @@ export class Engine {
     // and a slot that is not HASHED belongs to no page now (its buffer was collected, the slot freed).
     const busy = Flag.MERGED | Flag.PENDING | Flag.ZERO
     const zeroLo = zero.lo ^ shards[o + Shard.MIX_LO]!, zeroHi = zero.hi ^ shards[o + Shard.MIX_HI]!
+    let planned = 0
     for (let k = 0; k < count; k++) {
       const s = slot + k, bi = batchIndex + k
       const f = flags[s]!
@@ -925,6 +929,7 @@ export class Engine {
       const lo = words[2 * s]!, hi = words[2 * s + 1]!
       if (useZero && lo === zeroLo && hi === zeroHi) {
         plan[bi] = Plan.ZERO
+        planned++
         continue
       }
       if (!mergeNow && f & (Flag.CHANGED | Flag.NEW)) {
@@ -953,8 +958,10 @@ export class Engine {
       st.sharers[node]!++ // counted now so that maxPageSharing holds within the batch
       this.sharersTotal++
       plan[bi] = Plan.STABLE
+      planned++
       planNode[bi] = node
     }
+    return planned
   }
 
   private applyZero({ shards, n, held }: Batch): void {
