@@ -148,6 +148,12 @@ const Plan = { NONE: 0, ZERO: 1, STABLE: 2 } as const
 
 /** The compiled worker: beside lib/ in dist/, or in dist/ when lib/ runs from source (tests under a TypeScript loader). */
 const WORKER_FILE = [join(__dirname, '..', 'workers', 'hash.js'), join(__dirname, '..', 'dist', 'workers', 'hash.js')].find((f) => existsSync(f)) ?? join(__dirname, '..', 'workers', 'hash.js')
+/**
+ * Background batches with nothing to do (every page merged, or given back and untouched) taken
+ * in one wake-up at most, after their sleeps: 1 s at ksmd's default knobs. It bounds how late a
+ * window's survey (and so a write into a merged page) is noticed.
+ */
+const QUIET_BATCHES = 50
 /** Batches smaller than this are hashed on the coordinator thread (see hash()). */
 const INLINE_PAGES = 1024
 /** Pages per batch in mergeNow(): large enough to amortize a round trip to the workers. */
@@ -597,6 +603,7 @@ export class Engine {
     return new Promise<void>((done) => {
       const timer = new this.native.Timer(() => step())
       let inBatch = false // a batch through the queue: stop() waits for it, as for a synchronous one
+      let quiet = 0 // pages ahead with nothing to do: stepped over at the next wake-up, before its batch
       const scansBefore = this.c.fullScans
       let sharers = this.sharersTotal, zeros = this.c.zeroPages, scans = scansBefore // as last reported
       const finish = (failed: boolean, err?: unknown) => {
@@ -620,28 +627,38 @@ export class Engine {
           return finish(true, err)
         }
         if (!this.running) return finish(false)
-        timer.arm(this.options.sleepMillisecs)
+        // A run of batches that would do nothing is one wake-up, after all their sleeps: the same
+        // pages a second, without a wake-up of the event loop (~100 µs here) for each.
+        const per = this.options.pagesToScan
+        quiet = this.quietAhead(per * QUIET_BATCHES, per)
+        timer.arm(this.options.sleepMillisecs * (1 + quiet / per))
       }
       const step = () => {
         if (!this.running) return finish(false)
+        const skip = quiet
+        quiet = 0
         if (this.queued === 0 && this.options.pagesToScan < INLINE_PAGES) {
           try {
-            this.scanStep()
+            this.scanStep(skip)
           } catch (err) {
             return finish(true, err)
           }
           return sleep()
         }
         inBatch = true
-        this.exclusive(() => (this.running ? this.scanStep() : undefined)).then(sleep, (err) => finish(true, err))
+        this.exclusive(() => (this.running ? this.scanStep(skip) : undefined)).then(sleep, (err) => finish(true, err))
       }
       this.wake = () => inBatch || finish(false) // cuts the sleep short; a batch in the queue ends first
       step()
     })
   }
 
-  /** One batch of background scanning; a promise only when its hashing went to the workers. */
-  private scanStep(): Promise<void> | undefined {
+  /**
+   * One batch of background scanning, after stepping over up to `skip` pages that need nothing
+   * (see quietAhead); a promise only when its hashing went to the workers.
+   */
+  private scanStep(skip: number): Promise<void> | undefined {
+    if (skip > 0) this.skipQuiet(skip)
     const b = this.begin(this.options.pagesToScan, true)
     if (b.hashed) return b.hashed.then(() => this.finishStep(b))
     this.finishStep(b)
@@ -650,6 +667,40 @@ export class Engine {
 
   private finishStep(b: Batch): void {
     this.process(b, false)
+    if (b.wrapped) this.endScan(true)
+  }
+
+  /**
+   * Pages from the cursor on, at most `most` and in multiples of `unit`, that a batch would only
+   * step over: merged pages, and given-back zero pages nobody touched (neither is hashed). Up to
+   * the end of the full scan at most.
+   */
+  private quietAhead(most: number, unit: number): number {
+    const { flags } = this.pages
+    let n = 0
+    for (let i = this.cursor.region, p = this.cursor.page; i < this.regions.length && n < most; i++, p = 0) {
+      const r = this.regions[i]!
+      const q = quietRun(flags, r.slot + p, r.slot + Math.min(r.pages, p + most - n))
+      n += q
+      if (p + q < r.pages) break // a page to hash, or `most`
+    }
+    return n - (n % unit)
+  }
+
+  /**
+   * Steps the cursor over the pages ahead that need nothing now, up to `pages` (checked again: a
+   * mergeNow() or a write may have come since they were counted), surveying the windows it
+   * enters as the batches it stands for would have. A merged page found written there is hashed
+   * from the next full scan on, where a batch would have hashed it at once.
+   */
+  private skipQuiet(pages: number): void {
+    const n = this.quietAhead(pages, 1)
+    if (n === 0) return
+    const b = this.take(n)
+    if (b.n > 0) this.survey(b)
+    b.buffers.fill(undefined, 0, b.n)
+    this.c.pagesScanned += b.pages
+    this.c.inScan += b.pages
     if (b.wrapped) this.endScan(true)
   }
 
@@ -694,6 +745,22 @@ export class Engine {
    */
   private begin(max: number, share: boolean): Batch {
     if (this.candidates[0]!.length < max) this.sizeBatches(max)
+    const b = this.take(max)
+    if (b.n === 0) return b
+    this.survey(b)
+    this.hashing++
+    let running: Promise<void> | undefined
+    try {
+      running = this.hash(b, share)
+    } finally {
+      if (!running) this.hashDone(b)
+    }
+    if (running) b.hashed = running.finally(() => this.hashDone(b))
+    return b
+  }
+
+  /** Takes up to `max` pages from the cursor as a batch's shards (begin()), holding their buffers. */
+  private take(max: number): Batch {
     const which = (this.flip ^= 1)
     const { regions: held, buffers } = this.holds[which]!
     const b: Batch = { shards: this.batchShards[which]!, n: 0, which, held, buffers, pages: 0, wrapped: false, candidates: this.candidates[which]! }
@@ -731,16 +798,6 @@ export class Engine {
       this.cursor = { region: 0, page: 0 }
       b.wrapped = true
     }
-    if (b.n === 0) return b
-    this.survey(b)
-    this.hashing++
-    let running: Promise<void> | undefined
-    try {
-      running = this.hash(b, share)
-    } finally {
-      if (!running) this.hashDone(b)
-    }
-    if (running) b.hashed = running.finally(() => this.hashDone(b))
     return b
   }
 
@@ -773,7 +830,7 @@ export class Engine {
    * When the cursor enters a window of SURVEY_PAGES pages of a region, asks the kernel (pagemap,
    * which reads no page) what changed under the window's pages that are not hashed: merged pages
    * written since lose their stable page's count, and dropped zero pages that are present again
-   * (read or written) are marked TOUCHED to be looked at. A dropped page that nobody touched is
+   * (read or written) are pages like any other again, to be hashed. A dropped page that nobody touched is
    * not read: reading a hole of a shared memfd window allocates it, taking back the memory we
    * gave back. Once per window and full scan, not per batch: at ksmd's default of 100 pages a
    * batch, a pagemap read per batch was most of a quiet batch's cost; and not per region, whose
@@ -796,7 +853,7 @@ export class Engine {
       if (any & Flag.ZERO) {
         const entries = new BigUint64Array(to - from)
         this.native.pagemap(buffers[i]!, from, to - from, entries)
-        markTouched(flags, r.slot + from, entries)
+        this.c.zeroPages -= reviveTouched(flags, r.slot + from, entries)
       }
     }
     if (which.length === 0) return
@@ -921,11 +978,7 @@ export class Engine {
       const s = slot + k, bi = batchIndex + k
       const f = flags[s]!
       if (f & Flag.MERGED) continue
-      if (f & Flag.ZERO) {
-        if (!(f & Flag.TOUCHED)) continue // still given back: not read, not hashed
-        flags[s] = f & ~(Flag.ZERO | Flag.TOUCHED) // read or written since: a page like any other
-        this.c.zeroPages--
-      }
+      if (f & Flag.ZERO) continue // still given back: not read, not hashed
       const lo = words[2 * s]!, hi = words[2 * s + 1]!
       if (useZero && lo === zeroLo && hi === zeroHi) {
         plan[bi] = Plan.ZERO
@@ -1233,7 +1286,7 @@ export class Engine {
       if (buffer && states[k] === PageState.MERGED) continue // left merged by a failed unmerge
       if (f & Flag.MERGED) this.dropSharer(words[2 * s]!)
       if (f & Flag.ZERO) this.c.zeroPages--
-      flags[s] = f & ~(Flag.MERGED | Flag.OWNER | Flag.ZERO | Flag.TOUCHED | (f & Flag.MERGED ? Flag.HASHED : 0))
+      flags[s] = f & ~(Flag.MERGED | Flag.OWNER | Flag.ZERO | (f & Flag.MERGED ? Flag.HASHED : 0))
     }
     if (status[0]! < 0) throw systemError(status[0]!, 'mremap', 'cannot make every page private again (the others stay merged, and every page reads its bytes)')
   }
@@ -1353,6 +1406,13 @@ function roundUp(n: number, power: number): number {
   return (n + power - 1) & -power
 }
 
+/** How many slots from `from` on, before `to`, hold pages that are not hashed (merged, or given back and untouched). */
+function quietRun(flags: Uint8Array, from: number, to: number): number {
+  let s = from
+  while (s < to && flags[s]! & (Flag.MERGED | Flag.ZERO)) s++
+  return s - from
+}
+
 /** The flags of slots [from, to), ORed. */
 function flagsOf(flags: Uint8Array, from: number, to: number): number {
   let any = 0
@@ -1361,13 +1421,17 @@ function flagsOf(flags: Uint8Array, from: number, to: number): number {
 }
 
 /**
- * Dropped zero pages from `slot` on that pagemap shows present again (read or written) are marked
- * TOUCHED. The entries are read as 32-bit words (bits 62 and 63, present and swapped, are the top
- * two of each entry's high word): a BigUint64Array element read is a BigInt allocated per page.
+ * Dropped zero pages from `slot` on that pagemap shows present again (read or written since) are
+ * pages like any other again: no longer ZERO, hashed from now on. Returns how many. The entries
+ * are read as 32-bit words (bits 62 and 63, present and swapped, are the top two of each entry's
+ * high word): a BigUint64Array element read is a BigInt allocated per page.
  */
-function markTouched(flags: Uint8Array, slot: number, entries: BigUint64Array): void {
+function reviveTouched(flags: Uint8Array, slot: number, entries: BigUint64Array): number {
   const words = new Uint32Array(entries.buffer, entries.byteOffset, 2 * entries.length)
-  for (let k = 0, s = slot; k < entries.length; k++, s++) if (flags[s]! & Flag.ZERO && words[2 * k + 1]! >>> 30 !== 0) flags[s] = flags[s]! | Flag.TOUCHED
+  let revived = 0
+  for (let k = 0, s = slot; k < entries.length; k++, s++)
+    if (flags[s]! & Flag.ZERO && words[2 * k + 1]! >>> 30 !== 0) (flags[s] = flags[s]! & ~Flag.ZERO), revived++
+  return revived
 }
 
 /** Copies the first `nativeStride` numbers of each of `n` records of `stride` numbers into `extents`. */

@@ -19,8 +19,6 @@ export const Flag = {
   NEW: 32,
   /** The page is the owner of a stable page planned in this batch (its pool page is not made yet). */
   PENDING: 64,
-  /** A dropped zero page that is present again (read or written since): to be hashed. */
-  TOUCHED: 128,
 } as const
 
 /**

@@ -435,6 +435,44 @@ t.test('start({ onProgress }): called when what is saved changes and after every
   await pm.close()
 })
 
+t.test('background over merged memory: quiet batches taken in one wake-up, writes and touched zero pages still noticed', async (t) => {
+  // every page merged or given back: runs of batches with nothing to do are stepped over (engine.ts, skipQuiet)
+  const pm = new PageMerger({ pagesToScan: 16, sleepMillisecs: 2 })
+  const a = pm.alloc(256 * PAGE), b = pm.alloc(256 * PAGE), z = pm.alloc(256 * PAGE).fill(1).fill(0)
+  fillRandom(a, 31)
+  b.set(a)
+  const s0 = await pm.mergeNow()
+  t.same({ ...counts(s0), zeroPages: s0.zeroPages }, { pagesShared: 256, pagesSharing: 256, zeroPages: 256 }, 'merged and dropped first')
+  /** Waits until `done()` holds at the end of a full scan (at most 10 s: a progress check, not a speed one). */
+  const until = (done: (s: Stats) => boolean) => new Promise<Stats>((resolve, reject) => {
+    const end = Date.now() + 10_000
+    const poll = () => {
+      const s = pm.stats()
+      if (done(s)) return resolve(s)
+      if (Date.now() > end) return reject(new Error(`not within 10 s: ${JSON.stringify(counts(s))}, ${s.zeroPages} zero pages, ${s.fullScans} scans`))
+      setTimeout(poll, 5)
+    }
+    poll()
+  })
+  pm.start()
+  const scans = pm.stats().fullScans
+  let s = await until((x) => x.fullScans >= scans + 3)
+  t.ok(s.pagesScanned - s0.pagesScanned >= 3 * 768, `full scans go on: ${s.fullScans - scans} scans, ${s.pagesScanned - s0.pagesScanned} pages`)
+  t.same({ ...counts(s), zeroPages: s.zeroPages }, { pagesShared: 256, pagesSharing: 256, zeroPages: 256 }, 'nothing changed, nothing counted differently')
+  b[100 * PAGE] = b[100 * PAGE]! ^ 1 // a merged page written: a private copy now
+  z[7 * PAGE] = 9 // a given-back zero page written
+  s = await until((x) => x.pagesSharing === 255 && x.zeroPages === 255)
+  t.pass(`both noticed by scan ${s.fullScans - scans} of the background`)
+  t.equal(b[100 * PAGE], a[100 * PAGE]! ^ 1, 'the write stayed in b')
+  t.equal(z[7 * PAGE], 9, 'z reads what was written')
+  // the written merged page has a copy of its old self in a: merged again in later scans, once unchanged
+  b[100 * PAGE] = a[100 * PAGE]!
+  s = await until((x) => x.pagesSharing === 256)
+  t.ok(a.equals(b), 'a and b read the same bytes again, merged')
+  await pm.stop()
+  await pm.close()
+})
+
 // ---- 9. domains ------------------------------------------------------------------------------
 
 t.test('different domains never share a page', async (t) => {

@@ -5,11 +5,11 @@ import { loadNative } from '../lib/native'
 import { Flag, probeStart, Shard, shardAddress, SHARD_FIELDS, type HashResult, type HashTask } from '../lib/protocol'
 
 const native = loadNative()
-const { MERGED, ZERO, TOUCHED, HASHED, CHANGED, NEW } = Flag
+const { MERGED, ZERO, HASHED, CHANGED, NEW } = Flag
 
-/** Not hashed: merged pages (their bytes are the pool's), and dropped zero pages nobody touched
- * (reading one could allocate it again). */
-const skip = (f: number) => (f & MERGED) !== 0 || (f & (ZERO | TOUCHED)) === ZERO
+/** Not hashed: merged pages (their bytes are the pool's), and dropped zero pages (reading one
+ * could allocate it again; the survey gives back the ZERO flag of one that is present again). */
+const skip = (f: number) => (f & (MERGED | ZERO)) !== 0
 
 // Weak: the arrays of a PageMerger that was closed (or that grew them) must not be kept alive here,
 // on the coordinator thread too, which hashes small batches with this module.
