@@ -82,7 +82,7 @@ async function measurePageMerger(o: Options): Promise<Measured> {
   await pm.stop()
   await pm.close()
   clearTimeout(keep)
-  void w
+  void w // the buffers stay registered and alive to here: a registration does not hold them
   return { who: 'pagemerge', pages, cpuMs: (cpu.user + cpu.system) / 1e3, merged: st.pagesSharing + st.zeroPages }
 }
 
@@ -109,7 +109,7 @@ async function measureKsmd(o: Options): Promise<Measured> {
     await sleep(o.seconds * 1000)
     const c1 = kernel.counters(), cpu1 = kernel.status().ksmd?.cpuNs ?? NaN
     await pm.close()
-    void w
+    void w // as in measurePageMerger
     return { who: 'ksmd', pages: c1.pagesScanned - c0.pagesScanned, cpuMs: (cpu1 - cpu0) / 1e6, merged }
   } finally {
     restore()

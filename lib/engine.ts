@@ -11,7 +11,7 @@ import { error, ErrorCode, isOptionsObject, rangeError, systemError, typeError }
 import { loadNative, NO_POOL, PAGE_SIZE, PageState, Status, type NativeArena, type NativeBinding } from './native'
 import type { ResolvedOptions } from './options'
 import { KernelKsm, type ProcessKsm } from './kernel'
-import { Flag, mixHi, mixLo, Shard, SHARD_FIELDS, type HashTask } from './protocol'
+import { Flag, mixHi, mixLo, notHashed, notHashedRun, Shard, SHARD_FIELDS, type HashTask } from './protocol'
 import { sharedBytes, StableNodes, U32List, UnstableTable } from './tables'
 import hashShards from '../workers/hash'
 
@@ -680,7 +680,7 @@ export class Engine {
     let n = 0
     for (let i = this.cursor.region, p = this.cursor.page; i < this.regions.length && n < most; i++, p = 0) {
       const r = this.regions[i]!
-      const q = quietRun(flags, r.slot + p, r.slot + Math.min(r.pages, p + most - n))
+      const q = notHashedRun(flags, r.slot + p, Math.min(r.pages - p, most - n))
       n += q
       if (p + q < r.pages) break // a page to hash, or `most`
     }
@@ -977,8 +977,7 @@ export class Engine {
     for (let k = 0; k < count; k++) {
       const s = slot + k, bi = batchIndex + k
       const f = flags[s]!
-      if (f & Flag.MERGED) continue
-      if (f & Flag.ZERO) continue // still given back: not read, not hashed
+      if (notHashed(f)) continue // merged, or given back: not read, not hashed
       const lo = words[2 * s]!, hi = words[2 * s + 1]!
       if (useZero && lo === zeroLo && hi === zeroHi) {
         plan[bi] = Plan.ZERO
@@ -1404,13 +1403,6 @@ export class Engine {
 /** `n` rounded up to a multiple of `power` (a power of two), in integers: a division would make a heap number. */
 function roundUp(n: number, power: number): number {
   return (n + power - 1) & -power
-}
-
-/** How many slots from `from` on, before `to`, hold pages that are not hashed (merged, or given back and untouched). */
-function quietRun(flags: Uint8Array, from: number, to: number): number {
-  let s = from
-  while (s < to && flags[s]! & (Flag.MERGED | Flag.ZERO)) s++
-  return s - from
 }
 
 /** The flags of slots [from, to), ORed. */

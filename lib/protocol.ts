@@ -22,6 +22,21 @@ export const Flag = {
 } as const
 
 /**
+ * Not hashed: merged pages (their bytes are the pool's), and dropped zero pages (reading one
+ * could allocate it again; the survey takes the ZERO flag off one that is present again).
+ */
+export function notHashed(flags: number): boolean {
+  return (flags & (Flag.MERGED | Flag.ZERO)) !== 0
+}
+
+/** How many pages from `slot` on, at most `most`, are not hashed (notHashed) before one that is. */
+export function notHashedRun(flags: Uint8Array, slot: number, most: number): number {
+  let n = 0
+  while (n < most && notHashed(flags[slot + n]!)) n++
+  return n
+}
+
+/**
  * A shard: a run of pages of one registered buffer, and where its per-page state lives, as a
  * record of SHARD_FIELDS numbers in an Int32Array (a shard table), at these offsets. Records,
  * not objects: a batch of many small buffers has tens of thousands of shards, which as objects

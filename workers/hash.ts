@@ -2,14 +2,10 @@
 // read-only. Stateless but for the typed-array views it keeps over the shared arrays it was last
 // given (made anew when the engine grows them), since a batch can be as small as 100 pages.
 import { loadNative } from '../lib/native'
-import { Flag, probeStart, Shard, shardAddress, SHARD_FIELDS, type HashResult, type HashTask } from '../lib/protocol'
+import { Flag, notHashed, notHashedRun, probeStart, Shard, shardAddress, SHARD_FIELDS, type HashResult, type HashTask } from '../lib/protocol'
 
 const native = loadNative()
-const { MERGED, ZERO, HASHED, CHANGED, NEW } = Flag
-
-/** Not hashed: merged pages (their bytes are the pool's), and dropped zero pages (reading one
- * could allocate it again; the survey gives back the ZERO flag of one that is present again). */
-const skip = (f: number) => (f & (MERGED | ZERO)) !== 0
+const { HASHED, CHANGED, NEW } = Flag
 
 // Weak: the arrays of a PageMerger that was closed (or that grew them) must not be kept alive here,
 // on the coordinator thread too, which hashes small batches with this module.
@@ -64,7 +60,7 @@ export default function hash(task: HashTask): HashResult {
     const slot = shards[o + Shard.SLOT]!, batchIndex = shards[o + Shard.BATCH_INDEX]!
     const mixLo = shards[o + Shard.MIX_LO]!, mixHi = shards[o + Shard.MIX_HI]!
     candidates.fill(-1, batchIndex, batchIndex + count) // the answer for pages not hashed
-    for (let i = skipped(flags, slot, count); i < count; ) {
+    for (let i = notHashedRun(flags, slot, count); i < count; ) {
       const k = Math.min(toHash(flags, slot + i, count - i), CHUNK - saved)
       runs[4 * n] = address, runs[4 * n + 1] = firstPage + i, runs[4 * n + 2] = k, runs[4 * n + 3] = slot + i
       meta[4 * n] = batchIndex + i, meta[4 * n + 1] = mixLo, meta[4 * n + 2] = mixHi, meta[4 * n + 3] = 2 * saved
@@ -72,7 +68,7 @@ export default function hash(task: HashTask): HashResult {
       n++, saved += k
       if (saved === CHUNK) flush()
       i += k
-      i += skipped(flags, slot + i, count - i)
+      i += notHashedRun(flags, slot + i, count - i)
     }
   }
   flush()
@@ -88,14 +84,7 @@ export default function hash(task: HashTask): HashResult {
 /** How many pages from `slot` on, at most `most`, are to be hashed before one to skip. */
 function toHash(flags: Uint8Array, slot: number, most: number): number {
   let n = 0
-  while (n < most && !skip(flags[slot + n]!)) n++
-  return n
-}
-
-/** How many pages from `slot` on, at most `most`, are to be skipped before one to hash. */
-function skipped(flags: Uint8Array, slot: number, most: number): number {
-  let n = 0
-  while (n < most && skip(flags[slot + n]!)) n++
+  while (n < most && !notHashed(flags[slot + n]!)) n++
   return n
 }
 
